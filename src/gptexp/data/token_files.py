@@ -1,0 +1,68 @@
+"""Token files: tokenize a dataset's splits once into compact .npy arrays, then memory-map them."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned integer type that holds every token id."""
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+def encode_documents(documents: list[str], tokenizer) -> np.ndarray:
+    """Concatenate the documents' tokens, with the tokenizer's end-of-text token between documents."""
+    ids: list[int] = []
+    for i, document in enumerate(documents):
+        if i and tokenizer.eot_id is not None:
+            ids.append(tokenizer.eot_id)
+        ids.extend(tokenizer.encode(document))
+    return np.array(ids, dtype=token_dtype(tokenizer.vocab_size))
+
+
+def save_atomically(path: Path, array: np.ndarray) -> None:
+    """np.save to a temporary file beside `path`, then rename: readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def tokenize_once(directory: Path, splits: dict[str, list[str]], tokenizer) -> dict[str, Path]:
+    """Write `<split>.npy` for each split into `directory` unless already there; return their paths.
+
+    `meta.json` is written last, so its presence marks a complete cache.
+    """
+    paths = {split: directory / f"{split}.npy" for split in splits}
+    meta = directory / "meta.json"
+    if meta.exists() and all(p.exists() for p in paths.values()):
+        return paths
+    counts = {}
+    for split, documents in splits.items():
+        tokens = encode_documents(documents, tokenizer)
+        save_atomically(paths[split], tokens)
+        counts[split] = len(tokens)
+        log.info("tokenized %s: %d documents -> %d %s tokens in %s", split, len(documents), len(tokens),
+                 tokenizer.name, paths[split])
+    tmp = meta.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size, "tokens": counts}))
+    os.replace(tmp, meta)
+    return paths
+
+
+def load_tokens(path: Path) -> np.ndarray:
+    """Memory-map a token file written by `tokenize_once`."""
+    return np.load(path, mmap_mode="r")

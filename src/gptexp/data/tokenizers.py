@@ -1,0 +1,84 @@
+"""Tokenizers: GPT-2 BPE (tiktoken, from the bundled ranks, offline) and character-level vocabularies.
+
+Every tokenizer has a `name` that identifies its vocabulary (token files are cached per name),
+`vocab_size`, `encode(text) -> list[int]`, `decode(ids) -> str`, and `eot_id`, the token placed
+between documents (None when the vocabulary has none).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from functools import lru_cache
+from importlib import resources
+
+import tiktoken
+
+# tiktoken's pattern for the r50k / gpt2 encodings
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+GPT2_EOT = "<|endoftext|>"
+
+
+class BPETokenizer:
+    """A tiktoken encoding; special tokens in text are encoded as plain text."""
+
+    def __init__(self, encoding: tiktoken.Encoding):
+        self.encoding = encoding
+        self.name = encoding.name
+        self.vocab_size = encoding.n_vocab
+        self.eot_id = encoding.eot_token
+
+    def encode(self, text: str) -> list[int]:
+        return self.encoding.encode_ordinary(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.encoding.decode(ids)
+
+
+@lru_cache(maxsize=1)
+def gpt2_tokenizer() -> BPETokenizer:
+    """GPT-2's BPE (50,257 tokens, <|endoftext|> = 50256) built from the ranks bundled in gptexp.assets."""
+    ranks_file = resources.files("gptexp.assets") / "gpt2.tiktoken"
+    ranks = {base64.b64decode(token): int(rank)
+             for token, rank in (line.split() for line in ranks_file.read_bytes().splitlines() if line)}
+    encoding = tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                                 special_tokens={GPT2_EOT: len(ranks)})
+    return BPETokenizer(encoding)
+
+
+class CharTokenizer:
+    """One token per character of a fixed alphabet (nanoGPT's shakespeare_char)."""
+
+    eot_id = None
+
+    def __init__(self, chars: str):
+        if len(set(chars)) != len(chars) or not chars:
+            raise ValueError("a character vocabulary needs at least one character, each only once")
+        self.chars = chars
+        self.vocab_size = len(chars)
+        self.name = "char-" + hashlib.sha1(chars.encode()).hexdigest()[:10]
+        self._index = {c: i for i, c in enumerate(chars)}
+
+    @classmethod
+    def from_text(cls, text: str) -> CharTokenizer:
+        """The sorted set of characters in `text`."""
+        return cls("".join(sorted(set(text))))
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self._index[c] for c in text]
+        except KeyError as error:
+            raise ValueError(f"character {error.args[0]!r} is not in this {self.vocab_size}-character "
+                             f"vocabulary (derived from the training text)") from None
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+
+TOKENIZERS = {"gpt2": gpt2_tokenizer}
+
+
+def tokenizer_by_name(name: str) -> BPETokenizer:
+    if name not in TOKENIZERS:
+        raise ValueError(f"unknown tokenizer {name!r}; choose one of {', '.join(TOKENIZERS)} or `char`")
+    return TOKENIZERS[name]()

@@ -1,0 +1,39 @@
+"""What every gptexp model provides, and the parts they share (loss, generation)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gptexp.models import generation
+from gptexp.models.kv_cache import KVCache
+
+
+class LanguageModel(nn.Module):
+    """A causal language model: `forward(idx, targets=None, cache=None) -> (logits, loss)`.
+
+    Subclasses define `context_length` and `new_kv_cache`; generation and the
+    loss are shared here.
+    """
+
+    @property
+    def context_length(self) -> int:
+        raise NotImplementedError
+
+    def new_kv_cache(self, batch: int, max_len: int) -> KVCache:
+        raise NotImplementedError
+
+    @staticmethod
+    def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over every target that is not -1, computed in float32."""
+        return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, **kwargs) -> torch.Tensor:
+        """Extend idx (B, T) by max_new_tokens sampled tokens (greedy at temperature 0), with a KV cache."""
+        return generation.generate(self, idx, max_new_tokens, temperature, top_k, top_p, **kwargs)
+
+    def num_parameters(self) -> int:
+        """Distinct parameters (a tied weight counts once)."""
+        return sum(p.numel() for p in self.parameters())

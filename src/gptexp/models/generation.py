@@ -1,0 +1,78 @@
+"""Autoregressive generation shared by every model: sampling rules and the decode loop.
+
+A model plugs in by providing `context_length`, `new_kv_cache(batch, max_len)` and
+`forward(idx, cache=...)` returning `(logits, loss)`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Raise ValueError naming the bad argument and its valid range."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None (no limit), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] or None (no limit), got {top_p}")
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick the next token from logits (B, V): greedy at temperature 0, else sample. Returns (B, 1)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        # drop a token once the more likely ones already cover top_p; the most likely always stays
+        drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+@torch.inference_mode()
+def generate(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, *, use_cache: bool = True,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Extend idx (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens).
+
+    With the KV cache each step feeds only the newest token. Once the sequence outgrows the
+    context, every step re-reads the last `context_length` tokens, as a model without a cache
+    would. The model is put in eval mode for the call and restored afterwards.
+    """
+    check_sampling(temperature, top_k, top_p)
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if idx.dim() != 2 or idx.size(1) == 0:
+        raise ValueError(f"prompt must be a (batch, tokens) tensor with at least one token, got shape {tuple(idx.shape)}")
+    context = model.context_length
+    if idx.size(1) > context:
+        raise ValueError(f"prompt has {idx.size(1)} tokens but the model's context is {context}; "
+                         f"shorten the prompt to at most {context} tokens")
+    was_training = model.training
+    model.eval()
+    try:
+        cache = model.new_kv_cache(idx.size(0), min(context, idx.size(1) + max_new_tokens)) if use_cache else None
+        out, new = idx, idx
+        for _ in range(max_new_tokens):
+            if cache is not None and cache.length + new.size(1) > cache.max_len:
+                cache = None  # context full: from here on, recompute over a sliding window
+            if cache is None:
+                logits, _ = model(out[:, -context:])
+            else:
+                logits, _ = model(new, cache=cache)
+            new = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+            out = torch.cat([out, new], dim=1)
+    finally:
+        model.train(was_training)
+    return out

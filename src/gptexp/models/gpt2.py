@@ -1,0 +1,221 @@
+"""GPT-2: configuration, model and the Hugging Face checkpoint layout.
+
+Parameter names follow HF's GPT2LMHeadModel (`transformer.h.N.attn.c_attn.weight`), so HF
+weights load with a plain `load_state_dict` once the Conv1D weights in CONV1D_WEIGHTS are
+transposed. References: OpenAI's GPT-2 release and karpathy/nanoGPT.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gptexp.models.base import LanguageModel
+from gptexp.models.kv_cache import KVCache, causal_attention
+from gptexp.models.pretrained import load_hf_state_dict, read_json, resolve_pretrained
+
+# HF stores these four as Conv1D weights, shape (in, out); nn.Linear wants (out, in).
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+@dataclass
+class GPT2Config:
+    block_size: int = 1024  # context length (HF: n_positions)
+    vocab_size: int = 50257
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear and LayerNorm layers, as in GPT-2
+
+    def __post_init__(self):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            divisors = [h for h in range(1, self.n_head * 2 + 1) if self.n_embd % h == 0]
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
+                             f"n_head could be one of {divisors[-4:]}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPT2Config, layer_idx: int):
+        super().__init__()
+        self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
+        self.layer_idx = layer_idx
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        offset = 0
+        if cache is not None:
+            offset = cache.length
+            k, v = cache.update(self.layer_idx, k, v)
+        y = causal_attention(q, k, v, offset=offset, dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: GPT2Config, layer_idx: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT2(LanguageModel):
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
+            ln_f=nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied input and output embeddings
+        self.apply(self._init_weights)
+        for name, param in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer)
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    @property
+    def context_length(self) -> int:
+        return self.config.block_size
+
+    def new_kv_cache(self, batch: int, max_len: int) -> KVCache:
+        c, weight = self.config, self.transformer.wte.weight
+        return KVCache(c.n_layer, batch, c.n_head, max_len, c.n_embd // c.n_head, dtype=weight.dtype, device=weight.device)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx, targets: (B, T) token ids (targets -1 are ignored). Returns logits (B, T, vocab) and the loss."""
+        start = cache.length if cache is not None else 0
+        T = idx.size(1)
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than the model's block_size "
+                             f"({self.config.block_size}); crop it to the last {self.config.block_size} tokens "
+                             f"or use a model with a longer context")
+        pos = torch.arange(start, start + T, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x, cache)
+        logits = self.lm_head(self.transformer.ln_f(x))
+        if cache is not None:
+            cache.length += T
+        return logits, None if targets is None else self.loss(logits, targets)
+
+    # --- Hugging Face checkpoints ------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, dropout: float = 0.0) -> GPT2:
+        """Load an HF GPT-2 checkpoint: a local directory (config.json + safetensors or .bin) or a hub id
+        (gpt2, gpt2-medium, gpt2-large, gpt2-xl, or any GPT-2 repository)."""
+        directory = resolve_pretrained(name_or_path, allow_patterns=["config.json", "*.safetensors", "*.json"])
+        config = config_from_hf(read_json(directory / "config.json"), dropout=dropout)
+        with torch.device("meta"):
+            model = cls(config)
+        state = state_dict_from_hf(load_hf_state_dict(directory))
+        try:
+            model.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as error:
+            raise ValueError(f"{directory} does not hold the GPT-2 its config.json describes: {error}") from error
+        model.lm_head.weight = model.transformer.wte.weight  # assign=True replaced the tied tensor
+        return model
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write config.json + model.safetensors that transformers.GPT2LMHeadModel.from_pretrained reads."""
+        from safetensors.torch import save_file
+
+        if not self.config.bias:
+            raise ValueError("HF's GPT-2 has biases everywhere; a bias=False model cannot be saved in its format")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(state_dict_to_hf(self.state_dict()), directory / "model.safetensors", metadata={"format": "pt"})
+        (directory / "config.json").write_text(json.dumps(config_to_hf(self.config), indent=2))
+
+
+def state_dict_from_hf(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF GPT-2 tensors -> gptexp names: add the `transformer.` prefix where a GPT2Model saved them,
+    drop the causal-mask buffers of old checkpoints, transpose Conv1D weights, tie lm_head to wte."""
+    state = {}
+    for key, tensor in hf_state.items():
+        if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
+            continue
+        key = key if key.startswith("transformer.") else "transformer." + key
+        state[key] = tensor.t() if key.endswith(CONV1D_WEIGHTS) else tensor
+    if "transformer.wte.weight" in state:
+        state["lm_head.weight"] = state["transformer.wte.weight"]
+    return state
+
+
+def state_dict_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """gptexp tensors -> GPT2LMHeadModel's names and layout (the tied lm_head is not stored)."""
+    return {key: (tensor.t() if key.endswith(CONV1D_WEIGHTS) else tensor).contiguous()
+            for key, tensor in state.items() if key != "lm_head.weight"}
+
+
+def config_from_hf(hf: dict, dropout: float = 0.0) -> GPT2Config:
+    """Read an HF config.json, refusing variants this model does not implement."""
+    unsupported = {
+        "activation_function": hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"),
+        "layer_norm_epsilon": hf.get("layer_norm_epsilon", 1e-5) != 1e-5,
+        "n_inner": hf.get("n_inner") not in (None, 4 * hf["n_embd"]),
+        "scale_attn_by_inverse_layer_idx": hf.get("scale_attn_by_inverse_layer_idx", False),
+        "tie_word_embeddings": not hf.get("tie_word_embeddings", True),
+    }
+    if any(unsupported.values()):
+        raise ValueError(f"unsupported GPT-2 variant in config.json: {[k for k, v in unsupported.items() if v]}")
+    return GPT2Config(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                      n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=dropout, bias=True)
+
+
+def config_to_hf(config: GPT2Config) -> dict:
+    hf = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": config.vocab_size,
+          "n_positions": config.block_size, "n_embd": config.n_embd, "n_layer": config.n_layer,
+          "n_head": config.n_head, "n_inner": None, "activation_function": "gelu_new",
+          "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout,
+          "layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "tie_word_embeddings": True}
+    eot = 50256 if config.vocab_size > 50256 else None  # GPT-2's <|endoftext|>, where the vocabulary has it
+    return hf | {"bos_token_id": eot, "eos_token_id": eot}

@@ -1,0 +1,48 @@
+"""Key/value cache for incremental decoding, and the causal attention that reads it."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, shape (n_layer, B, n_kv_head, max_len, head_dim).
+
+    `length` is the number of positions already stored; the model advances it once per forward,
+    after all its layers have called `update`.
+    """
+
+    def __init__(self, n_layer: int, batch: int, n_kv_head: int, max_len: int, head_dim: int,
+                 *, dtype: torch.dtype, device: torch.device | str):
+        shape = (n_layer, batch, n_kv_head, max_len, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, H, T, D) at positions [length, length + T); return all positions so far."""
+        end = self.length + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; writing up to {end} overflows it")
+        self.keys[layer, :, :, self.length:end] = k
+        self.values[layer, :, :, self.length:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, offset: int = 0,
+                     dropout_p: float = 0.0) -> torch.Tensor:
+    """Scaled dot-product attention of q (B, H, T, D) over k, v (B, H_kv, offset + T, D).
+
+    Query i sits at absolute position offset + i and sees keys 0..offset + i. Grouped-query
+    attention (H_kv < H) is handled by SDPA itself.
+    """
+    gqa = k.size(1) != q.size(1)
+    t_q, t_k = q.size(2), k.size(2)
+    if offset == 0 and t_q == t_k:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa)
+    if t_q == 1:  # one new token sees every cached position
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, enable_gqa=gqa)
+    mask = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril(diagonal=offset)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)

@@ -1,0 +1,85 @@
+"""The one LightningModule: next-token loss, token-weighted perplexity, AdamW with warm-up + cosine decay."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric
+
+from gptexp.models import LanguageModel
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3  # peak learning rate, reached after warmup_steps
+    min_lr: float = 1e-4  # the cosine decays to this, and stays there
+    weight_decay: float = 0.1  # on matrices and embeddings only, never on biases or norms
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    decay_steps: int | None = None  # end of the cosine, in optimizer steps; null: trainer.max_steps
+    fused: bool | None = None  # torch's fused AdamW kernel; null: torch's default
+
+    def __post_init__(self):
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"need 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.eps <= 0:
+            raise ValueError("warmup_steps, weight_decay must be >= 0 and eps > 0")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be in [0, 1), got {self.betas}")
+
+
+def lr_at(step: int, optim: OptimConfig, decay_steps: int) -> float:
+    """Linear warm-up from lr/warmup_steps to lr, cosine decay to min_lr at decay_steps, then min_lr."""
+    if step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    if step >= decay_steps:
+        return optim.min_lr
+    progress = (step - optim.warmup_steps) / max(1, decay_steps - optim.warmup_steps)
+    return optim.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (optim.lr - optim.min_lr)
+
+
+class LanguageModelModule(L.LightningModule):
+    """Trains any gptexp LanguageModel on (x, y) batches of token ids."""
+
+    def __init__(self, model: LanguageModel, optim: OptimConfig):
+        super().__init__()
+        self.model, self.optim = model, optim
+        self.val_loss = MeanMetric()  # token-weighted mean cross-entropy over the validation split
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        return self.model(idx, targets)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        _, loss = self.model(*batch)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.trainer.global_step >= self.trainer.max_steps:
+            self.trainer.should_stop = True  # Lightning then validates once more: every run ends measured
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        _, loss = self.model(x, y)
+        self.val_loss.update(loss, weight=(y != -1).sum())
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()  # synchronised across processes by torchmetrics
+        self.val_loss.reset()
+        self.log_dict({"val/loss": loss, "val/ppl": loss.exp()}, prog_bar=True)
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.optim.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=self.optim.lr, betas=self.optim.betas, eps=self.optim.eps,
+                                      fused=self.optim.fused)
+        decay_steps = self.optim.decay_steps or self.trainer.max_steps
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_at(step, self.optim, decay_steps) / self.optim.lr)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -1,0 +1,75 @@
+"""The training recipe: compose the objects a Hydra config describes, then fit."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from gptexp import data, models
+from gptexp.config import ConfigError, build_dataclass
+from gptexp.module import LanguageModelModule, OptimConfig
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: DictConfig) -> float | None:
+    """Train as `cfg` (conf/train.yaml composed with overrides) says; return the best val/loss."""
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path)  # fail before any work when it is wrong
+    L.seed_everything(cfg.seed, workers=True)
+    torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
+    datamodule = data.build(cfg.data, cfg.model.tokenizer, seed=cfg.seed)
+    model = models.build(cfg.model, vocab_size=datamodule.tokenizer.vocab_size)
+    if datamodule.config.seq_len > model.context_length:
+        raise ConfigError(f"data.seq_len={datamodule.config.seq_len} is longer than the model's context "
+                          f"({model.context_length}); set data.seq_len<={model.context_length} or a larger model.block_size")
+    log.info("model: %s, %.2fM parameters; tokenizer %s (%d tokens)", cfg.model.arch, model.num_parameters() / 1e6,
+             datamodule.tokenizer.name, datamodule.tokenizer.vocab_size)
+    module = LanguageModelModule(model, build_dataclass(OptimConfig, OmegaConf.to_object(cfg.optim), "optim"))
+    trainer = build_trainer(cfg)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
+    if best is None:
+        best = trainer.callback_metrics.get("val/loss")
+    return None if best is None else float(best)
+
+
+def build_trainer(cfg: DictConfig) -> L.Trainer:
+    """A Lightning Trainer from cfg.trainer, with the callbacks and loggers cfg.callbacks and cfg.logger list."""
+    trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
+    steps = trainer_args.get("max_steps", -1)
+    if not isinstance(steps, int) or steps <= 0:
+        raise ConfigError(f"trainer.max_steps must be a positive number of optimizer steps, got {steps}")
+    batches = steps * trainer_args.get("accumulate_grad_batches", 1)
+    if isinstance(trainer_args.get("val_check_interval"), int) and trainer_args["val_check_interval"] > batches:
+        trainer_args["val_check_interval"] = batches  # a run shorter than one interval validates at its end
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+    try:
+        return L.Trainer(**trainer_args, callbacks=callbacks, logger=loggers or False,
+                         default_root_dir=cfg.output_dir)
+    except TypeError as error:
+        raise ConfigError(f"trainer: {error}; trainer.* keys are lightning.Trainer arguments") from error
+
+
+def resolve_ckpt_path(ckpt_path: str | None) -> str | None:
+    """A checkpoint file, or a run directory meaning its checkpoints/last.ckpt."""
+    if ckpt_path is None:
+        return None
+    path = Path(ckpt_path).expanduser()
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
+            if candidate.is_file():
+                return str(candidate)
+        raise FileNotFoundError(f"ckpt_path={ckpt_path} is a directory without checkpoints/last.ckpt; "
+                                f"pass a run directory (outputs/<date>/<time>) or a .ckpt file")
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist; pass a .ckpt file or a run directory "
+                                f"(outputs/<date>/<time>) holding checkpoints/last.ckpt")
+    return str(path)

@@ -1,0 +1,14 @@
+"""Train a language model: python train.py [group=option ...] [key=value ...]  (see README.md)."""
+
+import hydra
+
+from gptexp.train import run
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg) -> float | None:
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -8,6 +8,8 @@ import typing
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
+from omegaconf import DictConfig, OmegaConf
+
 T = TypeVar("T")
 
 
@@ -15,11 +17,17 @@ class ConfigError(ValueError):
     """A configuration value is wrong; the message names the key and how to fix it."""
 
 
+def plain(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """A resolved plain dict of a DictConfig (or a copy of a dict)."""
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+
+
 def build_dataclass(cls: type[T], values: Mapping[str, Any], where: str) -> T:
     """Build dataclass `cls` from `values`, checking that every key exists and has the declared type.
 
     `where` is the config path of `values` (e.g. "model") and prefixes every key in messages.
     """
+    values = plain(values)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [key for key in values if key not in names]

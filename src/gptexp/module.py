@@ -17,7 +17,7 @@ class OptimConfig:
     lr: float = 1e-3  # peak learning rate, reached after warmup_steps
     min_lr: float = 1e-4  # the cosine decays to this, and stays there
     weight_decay: float = 0.1  # on matrices and embeddings only, never on biases or norms
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[float, float] = (0.9, 0.99)
     eps: float = 1e-8
     warmup_steps: int = 100
     decay_steps: int | None = None  # end of the cosine, in optimizer steps; null: trainer.max_steps

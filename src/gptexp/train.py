@@ -29,7 +29,7 @@ def run(cfg: DictConfig) -> float | None:
                           f"({model.context_length}); set data.seq_len<={model.context_length} or a larger model.block_size")
     log.info("model: %s, %.2fM parameters; tokenizer %s (%d tokens)", cfg.model.arch, model.num_parameters() / 1e6,
              datamodule.tokenizer.name, datamodule.tokenizer.vocab_size)
-    module = LanguageModelModule(model, build_dataclass(OptimConfig, OmegaConf.to_object(cfg.optim), "optim"))
+    module = LanguageModelModule(model, build_dataclass(OptimConfig, cfg.optim, "optim"))
     trainer = build_trainer(cfg)
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

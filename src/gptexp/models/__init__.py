@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from gptexp.config import ConfigError, build_dataclass
+from gptexp.config import ConfigError, build_dataclass, plain
 from gptexp.models.base import LanguageModel
 from gptexp.models.gpt2 import GPT2, GPT2Config
 
@@ -24,7 +24,7 @@ def build(cfg: Mapping[str, Any], vocab_size: int) -> LanguageModel:
     A null `vocab_size` takes the tokenizer's `vocab_size`. With `pretrained`, the architecture
     comes from the checkpoint and only `dropout` from the config.
     """
-    cfg = dict(cfg)
+    cfg = plain(cfg)
     arch = cfg.pop("arch", None)
     if arch not in ARCHITECTURES:
         raise ConfigError(f"model.arch={arch!r} is not a known architecture; choose one of {', '.join(ARCHITECTURES)}")

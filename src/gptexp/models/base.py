@@ -13,8 +13,8 @@ from gptexp.models.kv_cache import KVCache
 class LanguageModel(nn.Module):
     """A causal language model: `forward(idx, targets=None, cache=None) -> (logits, loss)`.
 
-    Subclasses define `context_length` and `new_kv_cache`; generation and the
-    loss are shared here.
+    Subclasses define `context_length`, `new_kv_cache` and `flops_per_token`; generation and
+    the loss are shared here.
     """
 
     @property
@@ -22,6 +22,10 @@ class LanguageModel(nn.Module):
         raise NotImplementedError
 
     def new_kv_cache(self, batch: int, max_len: int) -> KVCache:
+        raise NotImplementedError
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs (forward + backward) per token at this sequence length."""
         raise NotImplementedError
 
     @staticmethod

@@ -124,6 +124,12 @@ class GPT2(LanguageModel):
     def context_length(self) -> int:
         return self.config.block_size
 
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward): 6 per weight plus attention's 12·L·C·T
+        (PaLM, appendix B); position embeddings are lookups and do not count."""
+        weights = self.num_parameters() - self.transformer.wpe.weight.numel()
+        return 6 * weights + 12 * self.config.n_layer * self.config.n_embd * seq_len
+
     def new_kv_cache(self, batch: int, max_len: int) -> KVCache:
         c, weight = self.config, self.transformer.wte.weight
         return KVCache(c.n_layer, batch, c.n_head, max_len, c.n_embd // c.n_head, dtype=weight.dtype, device=weight.device)

@@ -1,0 +1,48 @@
+"""Peak FLOP/s of the device a run uses: datasheet values for common GPUs, measured once for a CPU."""
+
+from __future__ import annotations
+
+import time
+from functools import lru_cache
+
+import torch
+
+# dense (no sparsity) tensor-core peaks in FLOP/s: (bf16/fp16, tf32), from NVIDIA's datasheets
+GPU_PEAKS = {
+    "H200": (989e12, 494.5e12),
+    "H100 PCIe": (756e12, 378e12),
+    "H100": (989e12, 494.5e12),  # SXM
+    "A100": (312e12, 156e12),
+    "L40S": (362e12, 183e12),
+    "A10G": (70e12, 35e12),
+    "L4": (121e12, 60e12),
+    "RTX 4090": (165e12, 82.6e12),
+    "RTX 3090": (71e12, 35.6e12),
+    "V100": (125e12, 15.7e12),
+    "T4": (65e12, 8.1e12),
+}
+
+
+def peak_flops(device: torch.device | str, dtype: torch.dtype = torch.float32) -> tuple[float, str]:
+    """(peak FLOP/s, where the number comes from) for matrix products in `dtype` on `device`."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, (half, tf32) in GPU_PEAKS.items():  # the first key that matches: H100 PCIe before H100
+            if key in name:
+                return (half if dtype in (torch.bfloat16, torch.float16) else tf32), f"datasheet: {name}"
+        return float("nan"), f"unknown GPU {name}: add it to gptexp.hardware.GPU_PEAKS"
+    return measured_cpu_matmul_flops(dtype), "measured: median of 2048^3 torch.mm"
+
+
+@lru_cache(maxsize=None)
+def measured_cpu_matmul_flops(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 5) -> float:
+    """The CPU's matrix-product rate with torch's threads: median of `repeats` n^3 products after one warm-up."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.mm(a, b)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / sorted(times)[repeats // 2]

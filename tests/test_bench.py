@@ -1,0 +1,21 @@
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_smoke_benchmark_writes_one_row_per_implementation_and_case(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "gptexp.bench", "preset=smoke", "repeats=2", "warmup=1",
+                             f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "bench.csv")))
+    train = [(r["impl"], r["seq_len"]) for r in rows if r["kind"] == "train"]
+    assert sorted(train) == [("gptexp", "32"), ("gptexp", "64"), ("hf", "32"), ("hf", "64")]
+    assert {(r["impl"], r["kv_cache"]) for r in rows if r["kind"] == "generate"} == {
+        ("gptexp", "True"), ("gptexp", "False"), ("hf", "True"), ("hf", "False")}
+    assert all(float(r["tokens_per_s"]) > 0 for r in rows)
+    assert all(0 < float(r["mfu"]) < 1 for r in rows if r["kind"] == "train")
+    assert "ratio" in result.stdout
+    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"

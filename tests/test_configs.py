@@ -1,0 +1,60 @@
+"""Every config option composes and builds (models on the meta device: no memory, no weights)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from gptexp import data, models
+from gptexp.config import build_dataclass
+from gptexp.module import OptimConfig
+from gptexp.train import build_trainer
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def composed(*overrides: str, output_dir: Path):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=[f"output_dir={output_dir}", *overrides])
+
+
+def test_every_group_has_options():
+    for group in ("model", "data", "optim", "trainer", "logger", "callbacks"):
+        assert options(group), group
+
+
+@pytest.mark.parametrize("model", options("model"))
+def test_every_model_builds(model, tmp_path):
+    cfg = composed(f"model={model}", output_dir=tmp_path)
+    with torch.device("meta"):
+        built = models.build(cfg.model, vocab_size=50257)
+    expected = {"gpt2": 124.4e6, "gpt2-medium": 354.8e6, "gpt2-large": 774.0e6, "gpt2-xl": 1557.6e6}
+    if model in expected:  # OpenAI's sizes, with the tied head counted once
+        assert built.num_parameters() == pytest.approx(expected[model], rel=1e-3)
+
+
+@pytest.mark.parametrize("dataset", options("data"))
+def test_every_dataset_builds(dataset, tmp_path):
+    cfg = composed(f"data={dataset}", output_dir=tmp_path)
+    module = data.build(cfg.data, cfg.model.tokenizer)
+    assert module.tokenizer.vocab_size > 0
+
+
+@pytest.mark.parametrize("logger", options("logger"))
+@pytest.mark.parametrize("callbacks", options("callbacks"))
+def test_every_trainer_setup_builds(logger, callbacks, tmp_path):
+    cfg = composed(f"logger={logger}", f"callbacks={callbacks}", output_dir=tmp_path)
+    build_dataclass(OptimConfig, cfg.optim, "optim")
+    trainer = build_trainer(cfg)
+    assert trainer.max_steps == cfg.trainer.max_steps
+
+
+def test_experiments_compose(tmp_path):
+    for experiment in sorted(p.stem for p in (CONF.parent / "experiments").glob("*.yaml")):
+        cfg = composed(f"experiment={experiment}", output_dir=tmp_path)
+        assert cfg.trainer.max_steps > 0

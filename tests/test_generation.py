@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+from gptexp.models import GPT2, GPT2Config
+from gptexp.models.generation import sample_next
+
+
+def test_greedy_is_argmax():
+    logits = torch.tensor([[0.1, 3.0, 0.2], [5.0, 1.0, 0.0]])
+    assert sample_next(logits, temperature=0).tolist() == [[1], [0]]
+
+
+def test_top_k_and_top_p_keep_only_the_likely_tokens():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
+    g = torch.Generator().manual_seed(0)
+    assert set(sample_next(logits, top_k=2, generator=g).unique().tolist()) == {0, 1}
+    # 0.5 + 0.3 < 0.85: the third token is needed to cover top_p, the fourth is not
+    assert set(sample_next(logits, top_p=0.85, generator=g).unique().tolist()) == {0, 1, 2}
+    assert set(sample_next(logits, top_p=0.2, generator=g).unique().tolist()) == {0}
+    counts = torch.bincount(sample_next(logits, generator=g).flatten(), minlength=4) / 2000
+    assert torch.allclose(counts, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.04)
+
+
+def test_sampling_is_reproducible_with_a_generator():
+    model = GPT2(GPT2Config(block_size=16, vocab_size=50, n_layer=1, n_head=2, n_embd=16))
+    prompt = torch.zeros(3, 2, dtype=torch.long)
+    a = model.generate(prompt, 10, temperature=1.0, top_k=10, generator=torch.Generator().manual_seed(1))
+    b = model.generate(prompt, 10, temperature=1.0, top_k=10, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and a.shape == (3, 12)
+    assert model.training  # generate restores the mode it found
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"temperature": -1.0}, "temperature must be >= 0"),
+    ({"top_k": 0}, "top_k must be >= 1"),
+    ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+    ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+])
+def test_bad_sampling_arguments(kwargs, message):
+    model = GPT2(GPT2Config(block_size=16, vocab_size=50, n_layer=1, n_head=2, n_embd=16))
+    with pytest.raises(ValueError, match=message):
+        model.generate(torch.zeros(1, 2, dtype=torch.long), 4, **kwargs)
+
+
+def test_prompt_longer_than_the_context_is_refused():
+    model = GPT2(GPT2Config(block_size=16, vocab_size=50, n_layer=1, n_head=2, n_embd=16))
+    with pytest.raises(ValueError, match="prompt has 17 tokens but the model's context is 16"):
+        model.generate(torch.zeros(1, 17, dtype=torch.long), 4)
+    with pytest.raises(ValueError, match="longer than the model's block_size"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_model_config_errors_name_the_fix():
+    with pytest.raises(ValueError, match=r"n_embd \(100\) must be divisible by n_head \(3\)"):
+        GPT2Config(n_embd=100, n_head=3)
+    with pytest.raises(ValueError, match="n_layer must be a positive integer"):
+        GPT2Config(n_layer=0)

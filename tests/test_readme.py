@@ -1,0 +1,31 @@
+"""The README is an executable spec: its setup commands are what CI runs, its main commands run."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def setup_commands() -> list[str]:
+    block = re.search(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    return [line for line in block.splitlines() if line and not line.startswith("#")]
+
+
+def test_readme_starts_with_the_two_setup_commands_and_ci_runs_the_test_one():
+    train, test = setup_commands()
+    assert train.endswith(".venv/bin/python train.py") and "constraints/cpu.txt" in train
+    assert test.endswith(".venv/bin/python -m pytest") and ".[dev]" in test
+    assert test in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+def test_gpt2_124m_on_bpe_shakespeare_runs(tmp_path):
+    """`python train.py model=gpt2 data=shakespeare`, shortened to two steps on short windows."""
+    result = subprocess.run(
+        [sys.executable, "train.py", "model=gpt2", "data=shakespeare", "trainer.max_steps=2", "data.seq_len=64",
+         "data.batch_size=2", "trainer.limit_val_batches=2", "logger=csv", "callbacks.samples.max_new_tokens=8",
+         f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "model: gpt2, 124.44M parameters; tokenizer gpt2 (50257 tokens)" in result.stdout + result.stderr
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()

@@ -1,0 +1,120 @@
+"""train.py end to end, in subprocesses: the real Hydra app, Lightning Trainer, CSV and offline wandb."""
+
+import csv
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# a tiny character-level GPT: seconds per run
+TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "data.batch_size=16",
+        "data.eval_batch_size=512", "optim.lr=3e-3", "optim.warmup_steps=5", "trainer.max_steps=40",
+        "trainer.val_check_interval=20", "callbacks.samples.max_new_tokens=40"]
+
+
+def train(*overrides: str, run_dir: Path | None = None, multirun: bool = False) -> subprocess.CompletedProcess:
+    command = [sys.executable, "train.py", *(["-m"] if multirun else []), *TINY, *overrides]
+    if run_dir is not None:
+        command.append(f"hydra.{'sweep' if multirun else 'run'}.dir={run_dir}")
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=os.environ | {"PYTHONWARNINGS": "ignore"})
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def column(rows: list[dict], name: str) -> list[tuple[int, float]]:
+    return [(int(r["step"]), float(r[name])) for r in rows if r.get(name)]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("run")
+    result = train(run_dir=run_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def test_training_lowers_val_loss(run_dir):
+    val = column(metrics(run_dir), "val/loss")
+    assert [step for step, _ in val] == [19, 39]  # every 20 steps, and the run ends validated
+    assert val[-1][1] < val[0][1] < math.log(65)
+    for (_, loss), (_, ppl) in zip(val, column(metrics(run_dir), "val/ppl")):
+        assert ppl == pytest.approx(math.exp(loss), rel=1e-5)
+    assert len(column(metrics(run_dir), "train/loss")) == 4 and column(metrics(run_dir), "train/lr")
+
+
+def test_run_directory_holds_config_checkpoints_samples_and_wandb(run_dir):
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {"best.ckpt", "last.ckpt"}
+    samples = (run_dir / "samples.md").read_text()
+    assert "## after 20 steps" in samples and "## after 40 steps" in samples
+    wandb_runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 1 and list(wandb_runs[0].glob("*.wandb"))
+
+
+def test_resume_continues_where_the_run_stopped(run_dir, tmp_path):
+    """Stop at step 20, resume from the run directory to 40: the same curve as the run that never stopped."""
+    first, resumed = tmp_path / "first", tmp_path / "resumed"
+    assert train("trainer.max_steps=20", "optim.decay_steps=40", run_dir=first).returncode == 0
+    result = train(f"ckpt_path={first}", run_dir=resumed)
+    assert result.returncode == 0, result.stderr[-3000:]
+    after = column(metrics(resumed), "train/loss")
+    assert [step for step, _ in after] == [29, 39]
+    uninterrupted = dict(column(metrics(run_dir), "train/loss"))
+    for step, loss in after:
+        assert loss == pytest.approx(uninterrupted[step], abs=1e-6)
+
+
+def test_multirun_puts_every_job_in_one_sweep_directory(tmp_path):
+    result = train("optim.lr=1e-3,3e-3", "trainer.max_steps=10", "logger=csv", run_dir=tmp_path, multirun=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "multirun.yaml").is_file()
+    for job in ("0", "1"):
+        assert column(metrics(tmp_path / job), "val/loss")
+
+
+def test_starts_from_pretrained_weights(tmp_path):
+    """model.pretrained=<HF directory>: the model takes the checkpoint's architecture and weights."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=50257, n_positions=64, n_embd=48, n_layer=2, n_head=3)
+    hf = transformers.GPT2LMHeadModel(config)
+    hf.save_pretrained(tmp_path / "hf")
+    result = train("model=gpt2", "data=shakespeare", f"model.pretrained={tmp_path / 'hf'}", "data.seq_len=32",
+                   "data.eval_batch_size=16", "trainer.max_steps=4", "trainer.limit_val_batches=2", "logger=csv",
+                   run_dir=tmp_path / "run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    n_params = sum(p.numel() for p in hf.parameters())  # not TINY's 1 layer x 32 wide
+    assert f"model: gpt2, {n_params / 1e6:.2f}M parameters" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model=gpt3"], "Could not find 'model/gpt3'"),
+    (["data.seq_len=64"], "data.seq_len=64 is longer than the model's context (32)"),
+    (["ckpt_path=/no/such/run"], "ckpt_path=/no/such/run does not exist; pass a .ckpt file or a run directory"),
+    (["model.colour=red"], "Could not override 'model.colour'"),
+    (["+model.colour=red"], "unknown key model.colour; valid keys of model:"),
+    (["model.n_head=5"], "n_embd (32) must be divisible by n_head (5)"),
+    (["trainer.max_steps=0"], "trainer.max_steps must be a positive number of optimizer steps"),
+])
+def test_bad_input_gets_a_clear_message(overrides, message, tmp_path):
+    result = train(*overrides, "logger=csv", run_dir=tmp_path)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr[-3000:]
+    if overrides[0] == "model=gpt3":
+        assert "gpt2_mini" in result.stderr  # the valid options are listed
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_analysis_draws_the_run(run_dir):
+    result = subprocess.run([sys.executable, "analysis/plot_run.py", str(run_dir)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    image = run_dir / "curves.png"
+    assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and image.stat().st_size > 20_000

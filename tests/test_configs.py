@@ -24,25 +24,28 @@ def composed(*overrides: str, output_dir: Path):
 
 
 def test_every_group_has_options():
-    for group in ("model", "data", "optim", "trainer", "logger", "callbacks"):
+    for group in ("model", "data", "finetune", "optim", "trainer", "logger", "callbacks"):
         assert options(group), group
 
 
 @pytest.mark.parametrize("model", options("model"))
 def test_every_model_builds(model, tmp_path):
+    """Architectures from their YAML (weights off: nothing to download), on the meta device."""
     cfg = composed(f"model={model}", output_dir=tmp_path)
+    spec = {k: v for k, v in cfg.model.items() if k not in models.WEIGHTS_KEYS}
     with torch.device("meta"):
-        built = models.build(cfg.model, vocab_size=50257)
-    expected = {"gpt2": 124.4e6, "gpt2-medium": 354.8e6, "gpt2-large": 774.0e6, "gpt2-xl": 1557.6e6}
-    if model in expected:  # OpenAI's sizes, with the tied head counted once
+        built = models.build(spec, vocab_size=512 if "llama" in model else 50257)
+    expected = {"gpt2": 124.4e6, "gpt2-medium": 354.8e6, "gpt2-large": 774.0e6, "gpt2-xl": 1557.6e6,
+                "llama2": 6.738e9, "llama2-13b": 13.016e9, "llama2-70b": 68.977e9, "llama2_260k": 260_032}
+    if model in expected:  # the published sizes, a tied head counted once
         assert built.num_parameters() == pytest.approx(expected[model], rel=1e-3)
 
 
 @pytest.mark.parametrize("dataset", options("data"))
 def test_every_dataset_builds(dataset, tmp_path):
     cfg = composed(f"data={dataset}", output_dir=tmp_path)
-    module = data.build(cfg.data, cfg.model.tokenizer)
-    assert module.tokenizer.vocab_size > 0
+    source = data.load(cfg.data, models.tokenizer_spec(cfg.model))
+    assert source.tokenizer.vocab_size > 0 and all(source.splits.values())
 
 
 @pytest.mark.parametrize("logger", options("logger"))

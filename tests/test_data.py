@@ -13,7 +13,7 @@ def prepared(overrides: dict, model_tokenizer: str = "gpt2", tmp_path=None):
     cfg = {"name": "shakespeare", "seq_len": 64, "batch_size": 4} | overrides
     if tmp_path is not None:
         cfg["cache_dir"] = str(tmp_path)
-    module = data.build(cfg, model_tokenizer)
+    module = data.build(data.load(cfg, model_tokenizer), context_length=1_000_000)
     module.setup("fit")
     return module
 
@@ -85,12 +85,13 @@ def test_validation_windows_cover_the_split_once():
 
 
 def test_seq_len_longer_than_the_data_is_refused():
-    with pytest.raises(ConfigError, match="data.seq_len=200000 needs at least 200001 tokens"):
+    with pytest.raises(ConfigError, match="data.seq_len=200000 tokens needs at least 200001 tokens"):
         prepared({"seq_len": 200_000})
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"name": "nope"}, "data.name='nope' is not a known dataset; choose one of shakespeare"),
+    ({"name": "nope"}, "data.name='nope' is not a known dataset; choose one of shakespeare, tinystories"),
+    ({"source": "hub"}, "Tiny Shakespeare is bundled only"),
     ({"batch_size": 0}, "batch_size must be a positive integer"),
     ({"batch_size": "8x"}, "data.batch_size must be an int, got '8x'"),
     ({"colour": 1}, "unknown key data.colour; valid keys of data: name, tokenizer"),
@@ -99,3 +100,38 @@ def test_seq_len_longer_than_the_data_is_refused():
 def test_bad_data_config_names_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         prepared(overrides)
+
+
+def test_tinystories_bundled_sample_holds_whole_stories():
+    from gptexp.data import tinystories
+
+    splits = tinystories.load_splits(0.05, source="bundled")
+    assert len(splits["train"]) + len(splits["val"]) == 2316 and len(splits["val"]) == 116
+    assert splits["train"][0].startswith("One day, a little girl named Lily found a needle in her room.")
+    assert splits["val"][-1].endswith("She hoped to see the dolphin again.")  # the cut-off story is gone
+    assert not any("<|endoftext|>" in s for s in splits["train"])
+
+
+def test_tinystories_documents_are_framed_per_tokenizer():
+    """GPT-2: <|endoftext|> between stories; LLaMA (SentencePiece): BOS before every story."""
+    from gptexp.config import asset_path
+
+    gpt2 = data.build(data.load({"name": "tinystories", "source": "bundled"}, "gpt2"), context_length=256)
+    gpt2.setup()
+    n_stories = len(gpt2.splits["train"])
+    assert (gpt2.tokens["train"] == 50256).sum() == n_stories - 1
+    llama = data.build(data.load({"name": "tinystories", "source": "bundled"},
+                                 asset_path("stories260K/tok512.model")), context_length=512)
+    llama.setup()
+    assert llama.tokens["train"][0] == 1 and (llama.tokens["train"] == 1).sum() == n_stories
+    assert llama.tokenizer.decode(llama.tokens["train"][1:12].tolist()).startswith("One day, a little girl")
+
+
+def test_shakespeare_with_a_llama_tokenizer():
+    from gptexp.config import asset_path
+
+    module = data.build(data.load({"name": "shakespeare"}, asset_path("stories260K/tok512.model")), context_length=64)
+    module.setup()
+    assert module.tokens["train"][0] == 1 and module.tokenizer.vocab_size == 512
+    x, y = next(iter(module.val_dataloader()))
+    assert x.shape[1] == 64 and x.max() < 512

@@ -24,7 +24,8 @@ def test_gpt2_124m_on_bpe_shakespeare_runs(tmp_path):
     """`python train.py model=gpt2 data=shakespeare`, shortened to two steps on short windows."""
     result = subprocess.run(
         [sys.executable, "train.py", "model=gpt2", "data=shakespeare", "trainer.max_steps=2", "data.seq_len=64",
-         "data.batch_size=2", "trainer.limit_val_batches=2", "logger=csv", "callbacks.samples.max_new_tokens=8",
+         "data.batch_size=2", "data.eval_batch_size=2", "trainer.limit_val_batches=2", "logger=csv",
+         "callbacks.samples.max_new_tokens=8",
          f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "model: gpt2, 124.44M parameters; tokenizer gpt2 (50257 tokens)" in result.stdout + result.stderr

@@ -115,6 +115,7 @@ def bench_training(name: str, case: DictConfig, cfg: DictConfig, device: torch.d
             rows.append(dict(kind="train", case=name, impl=impl, batch=batch, seq_len=seq_len, **dims,
                              step_ms=1e3 * step, tokens_per_s=tokens_per_s, mfu=flops * tokens_per_s / peak,
                              peak_memory_mb=run.peak_memory() / 2**20, peak_flops=peak, peak_source=peak_source))
+        log.info("%s", ratios_text(rows[-len(runs):]))
         del runs
     return rows
 
@@ -125,7 +126,7 @@ def bench_generation(name: str, case: DictConfig, cfg: DictConfig, device: torch
     rows = []
     context = case.prompt + case.new_tokens
     models = {impl: build_model(impl, dims, context, device).to(dtype).eval() for impl in cfg.impls}
-    for batch, use_cache in itertools.product(case.batch, (True, False)):
+    for batch, use_cache in itertools.product(case.batch, case.kv_cache):
         prompt = torch.randint(0, dims["vocab_size"], (batch, case.prompt), device=device)
 
         def decode(impl):
@@ -153,7 +154,14 @@ def bench_generation(name: str, case: DictConfig, cfg: DictConfig, device: torch
             rows.append(dict(kind="generate", case=name, impl=impl, batch=batch, seq_len=context, **dims,
                              kv_cache=use_cache, prompt=case.prompt, new_tokens=case.new_tokens,
                              tokens_per_s=batch * case.new_tokens / seconds, ms_per_token=1e3 * seconds / case.new_tokens))
+        log.info("%s", ratios_text(rows[-len(models):]))
     return rows
+
+
+def ratios_text(rows: list[dict]) -> str:
+    import pandas as pd
+
+    return ratios(pd.DataFrame(rows))
 
 
 def ratios(table) -> str:
@@ -185,6 +193,8 @@ def run(cfg: DictConfig):
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
+    peak, source = peak_flops(device, DTYPES[cfg.precision])  # first, on a quiet process
+    log.info("peak %.1f TFLOP/s (%s)", peak / 1e12, source)
     rows = []
     for name, case in (cfg.preset.get("train") or {}).items():
         rows += bench_training(name, case, cfg, device)

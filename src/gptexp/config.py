@@ -6,11 +6,20 @@ import dataclasses
 import types
 import typing
 from collections.abc import Mapping
+from importlib import resources
 from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
 T = TypeVar("T")
+
+
+def asset_path(name: str) -> str:
+    """The path of a file bundled in gptexp/assets; configs write ${asset:stories260K/stories260K.bin}."""
+    return str(resources.files("gptexp.assets") / name)
+
+
+OmegaConf.register_new_resolver("asset", asset_path, replace=True)
 
 
 class ConfigError(ValueError):

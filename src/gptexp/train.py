@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from gptexp import data, models
+from gptexp import data, finetune, models
 from gptexp.config import ConfigError, build_dataclass
 from gptexp.module import LanguageModelModule, OptimConfig
 
@@ -22,18 +22,23 @@ def run(cfg: DictConfig) -> float | None:
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path)  # fail before any work when it is wrong
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
-    datamodule = data.build(cfg.data, cfg.model.tokenizer, seed=cfg.seed)
-    model = models.build(cfg.model, vocab_size=datamodule.tokenizer.vocab_size)
-    if datamodule.config.seq_len > model.context_length:
-        raise ConfigError(f"data.seq_len={datamodule.config.seq_len} is longer than the model's context "
-                          f"({model.context_length}); set data.seq_len<={model.context_length} or a larger model.block_size")
+    model_tokenizer = "char" if cfg.data.get("tokenizer") == "char" else models.tokenizer_spec(cfg.model)
+    if model_tokenizer == "char" and any(cfg.model.get(key) for key in models.WEIGHTS_KEYS):
+        raise ConfigError("pretrained weights need the tokenizer they were trained with, not characters; "
+                          "use data=shakespeare rather than data=shakespeare_char, and leave model.tokenizer alone")
+    source = data.load(cfg.data, model_tokenizer)
+    model = models.build(cfg.model, vocab_size=source.tokenizer.vocab_size)
     log.info("model: %s, %.2fM parameters; tokenizer %s (%d tokens)", cfg.model.arch, model.num_parameters() / 1e6,
-             datamodule.tokenizer.name, datamodule.tokenizer.vocab_size)
+             source.tokenizer.name, source.tokenizer.vocab_size)
+    model = finetune.apply(model, cfg.finetune)
+    datamodule = data.build(source, model.context_length, seed=cfg.seed)
     module = LanguageModelModule(model, build_dataclass(OptimConfig, cfg.optim, "optim"))
     trainer = build_trainer(cfg)
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    if trainer.is_global_zero:
+        finetune.save(module.model, cfg.output_dir, merged=cfg.finetune.get("save_merged", False))
     best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
     if best is None:
         best = trainer.callback_metrics.get("val/loss")

@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from gptexp.data.tokenizers import prompt_ids
 from gptexp.models.generation import check_sampling
 
 
@@ -32,7 +33,7 @@ class TextSamples(L.Callback):
         if trainer.sanity_checking:
             return
         tokenizer, model = trainer.datamodule.tokenizer, pl_module.model
-        prompt = tokenizer.encode(self.prompt) or [tokenizer.eot_id or 0]
+        prompt = prompt_ids(tokenizer, self.prompt)
         device = next(model.parameters()).device
         generator = torch.Generator(device=device).manual_seed(self.seed)
         idx = torch.tensor([prompt[-model.context_length:]], device=device)

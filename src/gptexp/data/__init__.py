@@ -3,33 +3,53 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from gptexp.config import ConfigError, build_dataclass
-from gptexp.data import shakespeare
+from gptexp.data import shakespeare, tinystories
 from gptexp.data.datamodule import DataConfig, TokenDataModule
-from gptexp.data.tokenizers import CharTokenizer, gpt2_tokenizer, tokenizer_by_name
+from gptexp.data.tokenizers import CharTokenizer, gpt2_tokenizer, load_tokenizer
 
-# data.name in conf/data/*.yaml -> function(val_fraction) returning {"train": [documents], "val": [documents]}
-DATASETS: dict[str, Callable[[float], dict[str, list[str]]]] = {
+# data.name in conf/data/*.yaml -> function(val_fraction, source) -> {"train": [documents], "val": [documents]}
+DATASETS: dict[str, Callable[..., dict[str, list[str]]]] = {
     "shakespeare": shakespeare.load_splits,
+    "tinystories": tinystories.load_splits,
 }
 
-__all__ = ["DATASETS", "DataConfig", "TokenDataModule", "CharTokenizer", "gpt2_tokenizer", "build"]
+__all__ = ["DATASETS", "DataConfig", "DataSource", "TokenDataModule", "CharTokenizer", "gpt2_tokenizer", "load",
+           "build"]
 
 
-def build(cfg: Mapping[str, Any], model_tokenizer: str, seed: int = 0) -> TokenDataModule:
-    """The data module a conf/data/*.yaml describes, with its tokenizer: the model's, or the
-    characters of the text when data.tokenizer is `char`."""
+@dataclass
+class DataSource:
+    config: DataConfig
+    splits: dict[str, list[str]]  # documents per split
+    tokenizer: Any
+
+
+def load(cfg: Mapping[str, Any], model_tokenizer: str | None) -> DataSource:
+    """The dataset a conf/data/*.yaml names, with the tokenizer to use: the model's (`model_tokenizer`:
+    gpt2, a SentencePiece file, or char), or the characters of the text when data.tokenizer=char."""
     config = build_dataclass(DataConfig, cfg, "data")
     if config.name not in DATASETS:
         raise ConfigError(f"data.name={config.name!r} is not a known dataset; choose one of {', '.join(DATASETS)}")
-    splits = DATASETS[config.name](config.val_fraction)
-    if config.tokenizer == "char":
-        tokenizer = CharTokenizer.from_text("".join(doc for docs in splits.values() for doc in docs))
-    else:
-        try:
-            tokenizer = tokenizer_by_name(model_tokenizer)
-        except ValueError as error:
-            raise ConfigError(f"model.tokenizer: {error}") from error
-    return TokenDataModule(config, splits, tokenizer, seed=seed)
+    try:
+        splits = DATASETS[config.name](config.val_fraction, source=config.source)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    if config.tokenizer == "char" or model_tokenizer == "char":
+        return DataSource(config, splits, CharTokenizer.from_text("".join(d for docs in splits.values() for d in docs)))
+    try:
+        return DataSource(config, splits, load_tokenizer(model_tokenizer))
+    except (ValueError, FileNotFoundError) as error:
+        raise ConfigError(f"model.tokenizer: {error}") from error
+
+
+def build(source: DataSource, context_length: int, seed: int = 0) -> TokenDataModule:
+    """The data module for a model with this context: windows of data.seq_len tokens (null: the whole context)."""
+    seq_len = source.config.seq_len or context_length
+    if seq_len > context_length:
+        raise ConfigError(f"data.seq_len={seq_len} is longer than the model's context ({context_length}); "
+                          f"set data.seq_len<={context_length}")
+    return TokenDataModule(source.config, source.splits, source.tokenizer, seq_len, seed=seed)

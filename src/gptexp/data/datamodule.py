@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,17 +18,18 @@ from gptexp.data.windows import RandomBatches, SequentialBatches, TokenWindows
 @dataclass
 class DataConfig:
     name: str  # a key of gptexp.data.DATASETS
-    tokenizer: str = "model"  # "model": the model's tokenizer; "char": characters of the training text
-    seq_len: int = 256  # tokens per training window
+    tokenizer: str = "model"  # "model": the model's tokenizer; "char": characters of the text, whatever the model
+    seq_len: int | None = None  # tokens per window; null: the model's context length
     batch_size: int = 8
-    eval_batch_size: int | None = None  # validation batch; null: batch_size
+    eval_batch_size: int | None = None  # validation windows per batch; null: as many as make 8,192 tokens
     val_fraction: float = 0.1
+    source: str = "auto"  # where the text comes from, for datasets with a choice: auto | bundled | hub
     cache_dir: str = "~/.cache/gptexp"
     num_workers: int = 0
 
     def __post_init__(self):
         for key in ("seq_len", "batch_size"):
-            if getattr(self, key) <= 0:
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
                 raise ValueError(f"{key} must be a positive integer, got {getattr(self, key)}")
         if self.eval_batch_size is not None and self.eval_batch_size <= 0:
             raise ValueError(f"eval_batch_size must be a positive integer or null, got {self.eval_batch_size}")
@@ -39,6 +41,16 @@ class DataConfig:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
 
 
+def fingerprint(splits: dict[str, list[str]]) -> str:
+    """A short hash of the documents per split: token files are cached per (text, tokenizer)."""
+    digest = hashlib.sha1()
+    for split, documents in sorted(splits.items()):
+        digest.update(f"{split}:{len(documents)}".encode())
+        for document in documents:
+            digest.update(document.encode() + b"\0")
+    return digest.hexdigest()[:10]
+
+
 class TokenDataModule(L.LightningDataModule):
     """Random training windows and fixed validation windows over cached token files.
 
@@ -46,12 +58,11 @@ class TokenDataModule(L.LightningDataModule):
     starts at the first batch the interrupted run had not consumed.
     """
 
-    def __init__(self, config: DataConfig, splits: dict[str, list[str]], tokenizer, seed: int = 0):
+    def __init__(self, config: DataConfig, splits: dict[str, list[str]], tokenizer, seq_len: int, seed: int = 0):
         super().__init__()
-        self.config, self.tokenizer, self.seed = config, tokenizer, seed
+        self.config, self.tokenizer, self.seq_len, self.seed = config, tokenizer, seq_len, seed
         self.splits = splits
-        self.directory = (Path(config.cache_dir).expanduser() / f"{config.name}-val{config.val_fraction}"
-                          / tokenizer.name)
+        self.directory = Path(config.cache_dir).expanduser() / f"{config.name}-{fingerprint(splits)}" / tokenizer.name
         self.tokens = {}
 
     def prepare_data(self) -> None:
@@ -61,23 +72,23 @@ class TokenDataModule(L.LightningDataModule):
         paths = tokenize_once(self.directory, self.splits, self.tokenizer)
         self.tokens = {split: load_tokens(path) for split, path in paths.items()}
         for split, tokens in self.tokens.items():
-            if len(tokens) < self.config.seq_len + 1:
-                raise ConfigError(f"data.seq_len={self.config.seq_len} needs at least {self.config.seq_len + 1} "
+            if len(tokens) < self.seq_len + 1:
+                raise ConfigError(f"a window of data.seq_len={self.seq_len} tokens needs at least {self.seq_len + 1} "
                                   f"tokens, but the {split} split of {self.config.name} has {len(tokens)}; "
                                   f"lower data.seq_len")
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         batches_per_step = trainer.accumulate_grad_batches
-        sampler = RandomBatches(len(self.tokens["train"]), self.config.seq_len, self.config.batch_size,
+        sampler = RandomBatches(len(self.tokens["train"]), self.seq_len, self.config.batch_size,
                                 num_batches=trainer.max_steps * batches_per_step,
                                 seed=(self.seed, trainer.global_rank), start=trainer.global_step * batches_per_step)
         return self._loader(self.tokens["train"], sampler)
 
     def val_dataloader(self) -> DataLoader:
-        batch_size = self.config.eval_batch_size or self.config.batch_size
-        return self._loader(self.tokens["val"], SequentialBatches(len(self.tokens["val"]), self.config.seq_len, batch_size))
+        batch_size = self.config.eval_batch_size or max(1, 8192 // self.seq_len)
+        return self._loader(self.tokens["val"], SequentialBatches(len(self.tokens["val"]), self.seq_len, batch_size))
 
     def _loader(self, tokens, sampler) -> DataLoader:
-        return DataLoader(TokenWindows(tokens, self.config.seq_len), sampler=sampler, batch_size=None,
+        return DataLoader(TokenWindows(tokens, self.seq_len), sampler=sampler, batch_size=None,
                           num_workers=self.config.num_workers, pin_memory=torch.cuda.is_available())

@@ -19,10 +19,13 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def encode_documents(documents: list[str], tokenizer) -> np.ndarray:
-    """Concatenate the documents' tokens, with the tokenizer's end-of-text token between documents."""
+    """Concatenate the documents' tokens: BOS before each document where the tokenizer has one
+    (LLaMA), else its end-of-text token between documents (GPT-2)."""
     ids: list[int] = []
     for i, document in enumerate(documents):
-        if i and tokenizer.eot_id is not None:
+        if tokenizer.bos_id is not None:
+            ids.append(tokenizer.bos_id)
+        elif i and tokenizer.eot_id is not None:
             ids.append(tokenizer.eot_id)
         ids.extend(tokenizer.encode(document))
     return np.array(ids, dtype=token_dtype(tokenizer.vocab_size))

@@ -1,16 +1,20 @@
-"""Tokenizers: GPT-2 BPE (tiktoken, from the bundled ranks, offline) and character-level vocabularies.
+"""Tokenizers: GPT-2 BPE (tiktoken, from the bundled ranks, offline), SentencePiece (LLaMA) and
+character-level vocabularies.
 
 Every tokenizer has a `name` that identifies its vocabulary (token files are cached per name),
-`vocab_size`, `encode(text) -> list[int]`, `decode(ids) -> str`, and `eot_id`, the token placed
-between documents (None when the vocabulary has none).
+`vocab_size`, `encode(text) -> list[int]` (no special tokens), `decode(ids) -> str`, and the
+special tokens that frame documents: `bos_id` starts each document (LLaMA), `eot_id` separates
+documents (GPT-2); either is None when the vocabulary has none.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import os
 from functools import lru_cache
 from importlib import resources
+from pathlib import Path
 
 import tiktoken
 
@@ -21,6 +25,8 @@ GPT2_EOT = "<|endoftext|>"
 
 class BPETokenizer:
     """A tiktoken encoding; special tokens in text are encoded as plain text."""
+
+    bos_id = None
 
     def __init__(self, encoding: tiktoken.Encoding):
         self.encoding = encoding
@@ -49,7 +55,7 @@ def gpt2_tokenizer() -> BPETokenizer:
 class CharTokenizer:
     """One token per character of a fixed alphabet (nanoGPT's shakespeare_char)."""
 
-    eot_id = None
+    bos_id = eot_id = None
 
     def __init__(self, chars: str):
         if len(set(chars)) != len(chars) or not chars:
@@ -75,10 +81,42 @@ class CharTokenizer:
         return "".join(self.chars[i] for i in ids)
 
 
-TOKENIZERS = {"gpt2": gpt2_tokenizer}
+class SentencePieceTokenizer:
+    """A SentencePiece model file (LLaMA's tokenizer.model, llama2.c's tok512.model); BOS starts each document."""
+
+    eot_id = None
+
+    def __init__(self, model_file: str | os.PathLike):
+        import sentencepiece
+
+        path = Path(model_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file {path} does not exist")
+        self.processor = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        self.name = "sp-" + hashlib.sha1(path.read_bytes()).hexdigest()[:10]
+        self.vocab_size = self.processor.get_piece_size()
+        self.bos_id = self.processor.bos_id() if self.processor.bos_id() >= 0 else None
+        self.eos_id = self.processor.eos_id() if self.processor.eos_id() >= 0 else None
+
+    def encode(self, text: str) -> list[int]:
+        return self.processor.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.processor.decode(ids)
 
 
-def tokenizer_by_name(name: str) -> BPETokenizer:
-    if name not in TOKENIZERS:
-        raise ValueError(f"unknown tokenizer {name!r}; choose one of {', '.join(TOKENIZERS)} or `char`")
-    return TOKENIZERS[name]()
+def load_tokenizer(spec: str | os.PathLike):
+    """`gpt2` (the bundled BPE) or the path of a SentencePiece .model file."""
+    if str(spec) == "gpt2":
+        return gpt2_tokenizer()
+    if str(spec).endswith(".model") or Path(spec).is_file():
+        return SentencePieceTokenizer(spec)
+    raise ValueError(f"unknown tokenizer {str(spec)!r}: use gpt2 or the path of a SentencePiece .model file")
+
+
+def prompt_ids(tokenizer, text: str) -> list[int]:
+    """Token ids to start generation from: BOS first where the tokenizer has one; never empty."""
+    ids = tokenizer.encode(text)
+    if tokenizer.bos_id is not None:
+        return [tokenizer.bos_id] + ids
+    return ids or [tokenizer.eot_id if tokenizer.eot_id is not None else 0]

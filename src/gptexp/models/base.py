@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from gptexp.models import generation
 from gptexp.models.kv_cache import KVCache
@@ -13,9 +14,23 @@ from gptexp.models.kv_cache import KVCache
 class LanguageModel(nn.Module):
     """A causal language model: `forward(idx, targets=None, cache=None) -> (logits, loss)`.
 
-    Subclasses define `context_length`, `new_kv_cache` and `flops_per_token`; generation and
-    the loss are shared here.
+    Subclasses define `context_length`, `new_kv_cache`, `flops_per_token`, `from_pretrained` and
+    `tokenizer_for`; generation, the loss and activation checkpointing are shared here.
     """
+
+    activation_checkpointing = False  # recompute each block's activations in backward instead of storing them
+    weights_hint = ""  # appended to the error when pretrained weights cannot be found
+    lora_targets: tuple[str, ...] = ()  # the linear layers LoRA adapts unless told otherwise
+
+    def run_block(self, block: nn.Module, x: torch.Tensor, *args) -> torch.Tensor:
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, x, *args, use_reentrant=False)
+        return block(x, *args)
+
+    @classmethod
+    def tokenizer_for(cls, weights: str) -> str:
+        """The tokenizer that belongs to these weights: a name (gpt2) or a SentencePiece file path."""
+        raise NotImplementedError
 
     @property
     def context_length(self) -> int:

@@ -96,6 +96,8 @@ class Block(nn.Module):
 
 
 class GPT2(LanguageModel):
+    lora_targets = ("c_attn",)  # the fused q, k, v projection
+
     def __init__(self, config: GPT2Config):
         super().__init__()
         self.config = config
@@ -146,13 +148,17 @@ class GPT2(LanguageModel):
         pos = torch.arange(start, start + T, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
-            x = block(x, cache)
+            x = self.run_block(block, x, cache)
         logits = self.lm_head(self.transformer.ln_f(x))
         if cache is not None:
             cache.length += T
         return logits, None if targets is None else self.loss(logits, targets)
 
     # --- Hugging Face checkpoints ------------------------------------------------------------
+
+    @classmethod
+    def tokenizer_for(cls, weights: str) -> str:
+        return "gpt2"  # every GPT-2 checkpoint uses OpenAI's BPE
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, dropout: float = 0.0) -> GPT2:

@@ -1,0 +1,111 @@
+"""Finetuning methods: `full` (every parameter trains) and `lora` through peft (base weights frozen,
+only the low-rank adapters train), optionally on a 4-bit quantized base (QLoRA, CUDA + bitsandbytes).
+
+Adapters are saved in peft's format (adapter_config.json + adapter_model.safetensors); since
+gptexp's parameter names are HF's, they load into transformers models with `peft.PeftModel`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from gptexp.config import ConfigError, build_dataclass
+from gptexp.models import LanguageModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FinetuneConfig:
+    method: str = "full"  # full | lora
+    r: int = 8  # LoRA rank
+    alpha: int = 16  # LoRA scale numerator: updates are scaled by alpha / r
+    dropout: float = 0.05  # dropout on the LoRA branch's input
+    target_modules: tuple[str, ...] | None = None  # module names that get adapters; null: the model's default
+    quantize: str | None = None  # 4bit: QLoRA (the frozen base in NF4; CUDA with bitsandbytes only)
+    save_merged: bool = False  # also write the base with the adapter merged in, as a plain checkpoint
+
+    def __post_init__(self):
+        if self.method not in ("full", "lora"):
+            raise ValueError(f"method must be full or lora, got {self.method!r}")
+        if self.r <= 0 or self.alpha <= 0 or not 0 <= self.dropout < 1:
+            raise ValueError(f"need r > 0, alpha > 0 and dropout in [0, 1); got r={self.r}, alpha={self.alpha}, "
+                             f"dropout={self.dropout}")
+        if self.quantize not in (None, "4bit"):
+            raise ValueError(f"quantize must be null or 4bit, got {self.quantize!r}")
+        if self.quantize and self.method != "lora":
+            raise ValueError("quantize=4bit trains LoRA adapters on a frozen quantized base: use finetune=lora")
+
+
+def apply(model: LanguageModel, cfg: Mapping[str, Any]) -> nn.Module:
+    """The model ready to train under conf/finetune/*.yaml: itself (full), or wrapped by peft (lora)."""
+    config = build_dataclass(FinetuneConfig, cfg, "finetune")
+    if config.method == "full":
+        return model
+    targets = list(config.target_modules or model.lora_targets)
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        raise ConfigError(f"finetune.target_modules: {missing} match no linear layer of the model; "
+                          f"its linear layers are {sorted(names)}")
+    if config.quantize:
+        quantize_4bit(model)
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=targets)
+    peft_model = get_peft_model(model, lora)
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    log.info("LoRA r=%d on %s: %d trainable parameters (%.2f%% of %d)", config.r, targets, trainable,
+             100 * trainable / model.num_parameters(), model.num_parameters())
+    return peft_model
+
+
+def quantize_4bit(model: LanguageModel) -> None:
+    """Replace every linear layer but the output head with a bitsandbytes NF4 layer, on the GPU."""
+    if not torch.cuda.is_available():
+        raise ConfigError("finetune.quantize=4bit (QLoRA) needs a CUDA GPU and bitsandbytes; on a CPU use "
+                          "finetune=lora without quantize")
+    try:
+        import bitsandbytes as bnb
+    except ImportError as error:
+        raise ConfigError("finetune.quantize=4bit needs bitsandbytes: pip install bitsandbytes") from error
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and child is not getattr(model, "lm_head", None):
+                layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                          compute_dtype=torch.bfloat16, quant_type="nf4")
+                layer.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4")
+                if child.bias is not None:
+                    layer.bias = child.bias
+                setattr(parent, name, layer)
+    model.cuda()  # Params4bit quantizes on the move to the GPU
+
+
+def save(model: nn.Module, directory: str | Path, merged: bool = False) -> None:
+    """Write a LoRA model's adapter (peft format) to `directory/adapter`, and with `merged` the base
+    with the adapter folded in to `directory/merged` (HF format). A full finetune has nothing to add."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        return
+    directory = Path(directory)
+    model.save_pretrained(directory / "adapter")
+    log.info("LoRA adapter saved to %s", directory / "adapter")
+    if merged:
+        merge(model).save_pretrained(directory / "merged")
+        log.info("merged model saved to %s", directory / "merged")
+
+
+def merge(model: nn.Module) -> LanguageModel:
+    """The base model with the LoRA update folded into its weights (W + alpha/r · B·A), adapters removed.
+    Works on a copy: the adapter model stays usable."""
+    import copy
+
+    return copy.deepcopy(model).merge_and_unload()

@@ -11,8 +11,12 @@ def test_smoke_benchmark_writes_one_row_per_implementation_and_case(tmp_path):
                              f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "bench.csv")))
-    train = [(r["impl"], r["seq_len"]) for r in rows if r["kind"] == "train"]
-    assert sorted(train) == [("gptexp", "32"), ("gptexp", "64"), ("hf", "32"), ("hf", "64")]
+    train = [(r["case"], r["impl"], r["seq_len"]) for r in rows if r["kind"] == "train"]
+    assert sorted(train) == [("tiny", "gptexp", "32"), ("tiny", "gptexp", "64"), ("tiny", "hf", "32"),
+                             ("tiny", "hf", "64"), ("tiny_llama", "gptexp", "64"), ("tiny_llama", "hf", "64")]
+    finetune = {(r["method"], r["activation_checkpointing"]) for r in rows if r["kind"] == "finetune"}
+    assert finetune == {("full", "False"), ("full", "True"), ("lora", "False"), ("lora", "True")}
+    assert all(float(r["peak_memory_mb"]) > 0 for r in rows if r["kind"] != "generate")
     assert {(r["impl"], r["kv_cache"]) for r in rows if r["kind"] == "generate"} == {
         ("gptexp", "True"), ("gptexp", "False"), ("hf", "True"), ("hf", "False")}
     assert all(float(r["tokens_per_s"]) > 0 for r in rows)

@@ -3,7 +3,8 @@
     python -m gptexp.bench [preset=smoke|cpu|gpu] [device=cuda precision=bf16 compile=true ...]
 
 Training cases time forward + backward + AdamW step and report tokens/s, MFU and peak memory;
-generation cases report new tokens/s (greedy) with and without the KV cache. Implementations
+generation cases report new tokens/s (greedy) with and without the KV cache; finetuning cases
+compare full training with LoRA (and activation checkpointing) in step time and memory. Implementations
 run interleaved, one repeat of each in turn, so machine noise hits both alike; numbers are
 medians after warm-up. Writes bench.csv (one row per implementation x case) and bench.png into
 the run directory, and prints each case's gptexp / hf ratio.
@@ -12,6 +13,7 @@ the run directory, and prints each case's gptexp / hf ratio.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import statistics
@@ -23,26 +25,50 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
+from gptexp import finetune
 from gptexp.hardware import peak_flops
-from gptexp.models import GPT2, GPT2Config
+from gptexp.memory import PeakMemory, resident_bytes
+from gptexp.models import GPT2, GPT2Config, Llama, LlamaConfig
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def build_model(impl: str, dims: dict, context: int, device: torch.device) -> torch.nn.Module:
-    """gptexp's GPT2 or HF's GPT2LMHeadModel with the same shape (biases, tied head, tanh GELU)."""
-    if impl == "gptexp":
-        return GPT2(GPT2Config(block_size=context, **dims)).to(device)
-    if impl == "hf":
-        import transformers  # the reference; a dev dependency
+    """gptexp's model or HF's (GPT2LMHeadModel, LlamaForCausalLM) with the same shape; dims["arch"]
+    picks the family (gpt2 when absent)."""
+    dims = dict(dims)
+    arch = dims.pop("arch", "gpt2")
+    with torch.device(device):  # built (and initialised) where it will run
+        return _build(impl, arch, dims, context)
 
-        config = transformers.GPT2Config(n_positions=context, n_layer=dims["n_layer"], n_head=dims["n_head"],
-                                         n_embd=dims["n_embd"], vocab_size=dims["vocab_size"], resid_pdrop=0.0,
-                                         embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None,
-                                         attn_implementation="sdpa")
-        return transformers.GPT2LMHeadModel(config).to(device)
-    raise ValueError(f"unknown implementation {impl!r}: choose gptexp or hf")
+
+def _build(impl: str, arch: str, dims: dict, context: int) -> torch.nn.Module:
+    if impl == "gptexp":
+        if arch == "llama":
+            return Llama(LlamaConfig(max_seq_len=context, **dims))
+        return GPT2(GPT2Config(block_size=context, **dims))
+    if impl != "hf":
+        raise ValueError(f"unknown implementation {impl!r}: choose gptexp or hf")
+    import transformers  # the reference; a dev dependency
+
+    if arch == "llama":
+        config = transformers.LlamaConfig(hidden_size=dims["dim"], num_hidden_layers=dims["n_layers"],
+                                          num_attention_heads=dims["n_heads"],
+                                          num_key_value_heads=dims.get("n_kv_heads") or dims["n_heads"],
+                                          intermediate_size=dims["hidden_dim"], vocab_size=dims["vocab_size"],
+                                          max_position_embeddings=context, rms_norm_eps=1e-5, bos_token_id=None,
+                                          eos_token_id=None, attn_implementation="sdpa")
+        return transformers.LlamaForCausalLM(config)
+    config = transformers.GPT2Config(n_positions=context, n_layer=dims["n_layer"], n_head=dims["n_head"],
+                                     n_embd=dims["n_embd"], vocab_size=dims["vocab_size"], resid_pdrop=0.0,
+                                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None,
+                                     attn_implementation="sdpa")
+    return transformers.GPT2LMHeadModel(config)
+
+
+def flops_per_token(dims: dict, seq_len: int) -> float:
+    return build_model("gptexp", dims, seq_len, torch.device("meta")).flops_per_token(seq_len)
 
 
 def loss_of(impl: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -59,15 +85,22 @@ def synchronize(device: torch.device) -> None:
 
 
 class TrainRun:
-    """One implementation at one training case: model, AdamW, a fixed random batch."""
+    """One implementation at one training case: model (LoRA-wrapped for method=lora), AdamW over
+    what trains, a fixed random batch."""
 
-    def __init__(self, impl: str, dims: dict, batch: int, seq_len: int, cfg: DictConfig, device: torch.device):
+    def __init__(self, impl: str, dims: dict, batch: int, seq_len: int, cfg: DictConfig, device: torch.device,
+                 method: str = "full", activation_checkpointing: bool = False):
         torch.manual_seed(0)
         self.impl, self.device = impl, device
         self.model = build_model(impl, dims, seq_len, device)
+        if activation_checkpointing:
+            self.model.activation_checkpointing = True
+        if method != "full":
+            self.model = finetune.apply(self.model, {"method": method})
         if cfg.compile:
             self.model.compile()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=device.type == "cuda")
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
         tokens = torch.randint(0, dims["vocab_size"], (batch, seq_len + 1), device=device)
         self.x, self.y = tokens[:, :-1], tokens[:, 1:]
         dtype = DTYPES[cfg.precision]
@@ -87,12 +120,66 @@ class TrainRun:
         return time.perf_counter() - start
 
     def peak_memory(self) -> float:
-        """Peak bytes allocated during one step (CUDA allocator statistics); NaN on CPU."""
-        if self.device.type != "cuda":
-            return float("nan")
-        torch.cuda.reset_peak_memory_stats(self.device)
-        self.step()
-        return float(torch.cuda.max_memory_allocated(self.device))
+        """Peak bytes during one step (after at least one step: the optimizer state exists): CUDA allocations,
+        or the process's resident set on a CPU."""
+        with PeakMemory(self.device) as memory:
+            self.step()
+        return memory.peak
+
+
+def peak_memory(impl: str, dims: dict, batch: int, seq_len: int, cfg: DictConfig, device: torch.device,
+                method: str = "full", activation_checkpointing: bool = False, run: TrainRun | None = None) -> float:
+    """Peak memory of a steady-state training step: weights, gradients, optimizer state and activations.
+    CUDA: the allocator's peak. CPU: a process keeps resident what it once allocated, so each measurement
+    runs in a fresh process, as its peak resident set above the process's size before the model."""
+    if not cfg.memory:
+        return float("nan")
+    if device.type == "cuda":  # the allocator counts exactly in any process: reuse the run when given one
+        torch.cuda.empty_cache()
+        run = run or TrainRun(impl, dims, batch, seq_len, cfg, device, method, activation_checkpointing)
+        run.step()
+        return run.peak_memory()
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=_fresh_processes()) as pool:
+        return pool.submit(_fresh_process_peak, impl, dims, batch, seq_len, OmegaConf.to_container(cfg), method,
+                           activation_checkpointing).result()
+
+
+@functools.cache
+def _fresh_processes():
+    """Processes forked from a server that imported the libraries once and never trains: they start in
+    milliseconds, and with an allocator that holds nothing from earlier measurements."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["gptexp.bench", "transformers", "peft"])
+    return context
+
+
+def _fresh_process_peak(impl, dims, batch, seq_len, cfg, method, activation_checkpointing) -> float:
+    """Peak resident bytes of a training step above the process's own (every library imported first,
+    so implementations start level)."""
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+
+    torch.set_num_threads(cfg["threads"])
+    baseline = resident_bytes()
+    run = TrainRun(impl, dims, batch, seq_len, OmegaConf.create(cfg), torch.device("cpu"), method,
+                   activation_checkpointing)
+    run.step()
+    return run.peak_memory() - baseline
+
+
+def interleaved_medians(runs: dict, cfg: DictConfig) -> dict[str, float]:
+    """Median step seconds per run, taking one step of each in turn after cfg.warmup untimed rounds."""
+    times = {key: [] for key in runs}
+    for i in range(cfg.warmup + cfg.repeats):
+        for key, run in runs.items():
+            seconds = run.step()
+            if i >= cfg.warmup:
+                times[key].append(seconds)
+    return {key: statistics.median(t) for key, t in times.items()}
 
 
 def bench_training(name: str, case: DictConfig, cfg: DictConfig, device: torch.device) -> list[dict]:
@@ -100,23 +187,37 @@ def bench_training(name: str, case: DictConfig, cfg: DictConfig, device: torch.d
     rows = []
     for batch, seq_len in itertools.product(case.batch, case.seq_len):
         runs = {impl: TrainRun(impl, dims, batch, seq_len, cfg, device) for impl in cfg.impls}
-        times = {impl: [] for impl in runs}
-        for i in range(cfg.warmup + cfg.repeats):
-            for impl, run in runs.items():  # interleaved
-                seconds = run.step()
-                if i >= cfg.warmup:
-                    times[impl].append(seconds)
-        with torch.device("meta"):
-            flops = GPT2(GPT2Config(block_size=seq_len, **dims)).flops_per_token(seq_len)
-        peak, peak_source = peak_flops(device, DTYPES[cfg.precision])
-        for impl, run in runs.items():
-            step = statistics.median(times[impl])
-            tokens_per_s = batch * seq_len / step
+        medians = interleaved_medians(runs, cfg)
+        peak, _ = peak_flops(device, DTYPES[cfg.precision])
+        flops = flops_per_token(dims, seq_len)
+        del runs  # memory is measured with one model alive at a time
+        memory = {impl: peak_memory(impl, dims, batch, seq_len, cfg, device) for impl in cfg.impls}
+        for impl in cfg.impls:
+            tokens_per_s = batch * seq_len / medians[impl]
             rows.append(dict(kind="train", case=name, impl=impl, batch=batch, seq_len=seq_len, **dims,
-                             step_ms=1e3 * step, tokens_per_s=tokens_per_s, mfu=flops * tokens_per_s / peak,
-                             peak_memory_mb=run.peak_memory() / 2**20, peak_flops=peak, peak_source=peak_source))
-        log.info("%s", ratios_text(rows[-len(runs):]))
-        del runs
+                             step_ms=1e3 * medians[impl], tokens_per_s=tokens_per_s, mfu=flops * tokens_per_s / peak,
+                             peak_memory_mb=memory[impl] / 2**20))
+        log.info("%s", ratios_text(rows[-len(cfg.impls):]))
+    return rows
+
+
+def bench_finetuning(name: str, case: DictConfig, cfg: DictConfig, device: torch.device) -> list[dict]:
+    """gptexp alone: step time and peak memory per finetuning method and activation-checkpointing setting."""
+    dims = OmegaConf.to_container(case.model)
+    rows = []
+    for batch, seq_len in itertools.product(case.batch, case.seq_len):
+        for method, checkpointing in itertools.product(case.methods, case.activation_checkpointing):
+            run = TrainRun("gptexp", dims, batch, seq_len, cfg, device, method, checkpointing)
+            seconds = interleaved_medians({method: run}, cfg)[method]
+            trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+            memory = peak_memory("gptexp", dims, batch, seq_len, cfg, device, method, checkpointing, run=run)
+            del run
+            rows.append(dict(kind="finetune", case=name, impl="gptexp", method=method,
+                             activation_checkpointing=checkpointing, batch=batch, seq_len=seq_len, **dims,
+                             trainable_params=trainable, step_ms=1e3 * seconds, tokens_per_s=batch * seq_len / seconds,
+                             peak_memory_mb=memory / 2**20))
+            log.info("%s %s activation_checkpointing=%s: %.0f ms/step, peak memory %.0f MiB", name, method,
+                     checkpointing, rows[-1]["step_ms"], rows[-1]["peak_memory_mb"])
     return rows
 
 
@@ -178,13 +279,17 @@ def ratios(table) -> str:
 
 
 def plot(table, path: Path) -> None:
-    from plotnine import aes, facet_wrap, geom_col, ggplot, labs, position_dodge, theme_bw
+    from plotnine import aes, coord_flip, facet_wrap, geom_col, ggplot, labs, position_dodge, theme_bw
 
-    table = table.assign(label=table.apply(lambda r: f"{r['case']} B{r['batch']} T{r['seq_len']}"
-                                           + ("" if r["kind"] == "train" else f" cache={r['kv_cache']}"), axis=1))
+    def label(row) -> str:
+        extra = {"generate": f" cache={row.get('kv_cache')}",
+                 "finetune": f" {row.get('method')}{' +ckpt' if row.get('activation_checkpointing') is True else ''}"}
+        return f"{row['case']} B{row['batch']} T{row['seq_len']}" + extra.get(row["kind"], "")
+
+    table = table.assign(label=table.apply(label, axis=1))
     figure = (ggplot(table, aes("label", "tokens_per_s", fill="impl")) + geom_col(position=position_dodge())
-              + facet_wrap("kind", scales="free") + labs(x="", y="tokens / s") + theme_bw())
-    figure.save(path, width=10, height=4, dpi=120, verbose=False)
+              + coord_flip() + facet_wrap("kind", scales="free", ncol=1) + labs(x="", y="tokens / s") + theme_bw())
+    figure.save(path, width=8, height=2 + 0.4 * len(table), dpi=120, verbose=False, limitsize=False)
 
 
 def run(cfg: DictConfig):
@@ -193,20 +298,24 @@ def run(cfg: DictConfig):
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
+    cfg.threads = torch.get_num_threads()
     peak, source = peak_flops(device, DTYPES[cfg.precision])  # first, on a quiet process
-    log.info("peak %.1f TFLOP/s (%s)", peak / 1e12, source)
+    log.info("peak %.0f GFLOP/s (%s)", peak / 1e9, source)
     rows = []
     for name, case in (cfg.preset.get("train") or {}).items():
         rows += bench_training(name, case, cfg, device)
     for name, case in (cfg.preset.get("generate") or {}).items():
         rows += bench_generation(name, case, cfg, device)
+    for name, case in (cfg.preset.get("finetune") or {}).items():
+        rows += bench_finetuning(name, case, cfg, device)
     table = pd.DataFrame(rows).assign(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                                       precision=cfg.precision, compile=cfg.compile, torch=torch.__version__,
                                       threads=torch.get_num_threads())
     out = Path(cfg.output_dir)
     table.to_csv(out / "bench.csv", index=False)
     plot(table, out / "bench.png")
-    print(table.drop(columns=["peak_flops", "peak_source"], errors="ignore").to_string(index=False, float_format="%.4g"))
+    table = table.assign(peak_flops=peak, peak_source=source)
+    print(table.to_string(index=False, float_format="%.4g"))
     print(ratios(table))
     return table
 

@@ -36,6 +36,8 @@ def run(cfg: DictConfig) -> float | None:
     trainer = build_trainer(cfg)
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    if cfg.validate_first and ckpt_path is None:  # where a finetune starts from, logged at step 0
+        trainer.validate(module, datamodule=datamodule, verbose=False)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     if trainer.is_global_zero:
         finetune.save(module.model, cfg.output_dir, merged=cfg.finetune.get("save_merged", False))

@@ -34,3 +34,27 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory) -> Path:
+    """One tiny training run through train.py with the default callbacks and loggers."""
+    from training import train
+
+    run_dir = tmp_path_factory.mktemp("run")
+    result = train(run_dir=run_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir / "stdout.txt").write_text(result.stdout + result.stderr)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def sweep_dir(tmp_path_factory) -> Path:
+    """A tiny grid sweep through `train.py -m`: two learning rates, every callback measuring."""
+    from training import train
+
+    sweep_dir = tmp_path_factory.mktemp("sweep")
+    result = train("optim.lr=1e-3,3e-3", "callbacks=all", "callbacks.memory.count_every=10", run_dir=sweep_dir,
+                   multirun=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return sweep_dir

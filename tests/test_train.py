@@ -1,44 +1,11 @@
 """train.py end to end, in subprocesses: the real Hydra app, Lightning Trainer, CSV and offline wandb."""
 
-import csv
 import math
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-# a tiny character-level GPT: seconds per run
-TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "data.batch_size=16",
-        "data.eval_batch_size=512", "optim.lr=3e-3", "optim.warmup_steps=5", "trainer.max_steps=40",
-        "trainer.val_check_interval=20", "callbacks.samples.max_new_tokens=40"]
-
-
-def train(*overrides: str, run_dir: Path | None = None, multirun: bool = False) -> subprocess.CompletedProcess:
-    command = [sys.executable, "train.py", *(["-m"] if multirun else []), *TINY, *overrides]
-    if run_dir is not None:
-        command.append(f"hydra.{'sweep' if multirun else 'run'}.dir={run_dir}")
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env=os.environ | {"PYTHONWARNINGS": "ignore"})
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    with open(run_dir / "metrics.csv") as f:
-        return list(csv.DictReader(f))
-
-
-def column(rows: list[dict], name: str) -> list[tuple[int, float]]:
-    return [(int(r["step"]), float(r[name])) for r in rows if r.get(name)]
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("run")
-    result = train(run_dir=run_dir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir
+from training import ROOT, column, metrics, train
 
 
 def test_training_lowers_val_loss(run_dir):
@@ -75,12 +42,10 @@ def test_resume_continues_where_the_run_stopped(run_dir, tmp_path):
         assert loss == pytest.approx(uninterrupted[step], abs=1e-6)
 
 
-def test_multirun_puts_every_job_in_one_sweep_directory(tmp_path):
-    result = train("optim.lr=1e-3,3e-3", "trainer.max_steps=10", "logger=csv", run_dir=tmp_path, multirun=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "multirun.yaml").is_file()
+def test_multirun_puts_every_job_in_one_sweep_directory(sweep_dir):
+    assert (sweep_dir / "multirun.yaml").is_file()
     for job in ("0", "1"):
-        assert column(metrics(tmp_path / job), "val/loss")
+        assert column(metrics(sweep_dir / job), "val/loss")
 
 
 def test_starts_from_pretrained_weights(tmp_path):
@@ -113,11 +78,3 @@ def test_bad_input_gets_a_clear_message(overrides, message, tmp_path):
     if overrides[0] == "model=gpt3":
         assert "gpt2_mini" in result.stderr  # the valid options are listed
     assert not (tmp_path / "checkpoints").exists()
-
-
-def test_analysis_draws_the_run(run_dir):
-    result = subprocess.run([sys.executable, "analysis/plot_run.py", str(run_dir)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    image = run_dir / "curves.png"
-    assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and image.stat().st_size > 20_000

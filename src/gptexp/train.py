@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import hydra
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from gptexp import data, finetune, models
@@ -15,6 +18,8 @@ from gptexp.config import ConfigError, build_dataclass
 from gptexp.module import LanguageModelModule, OptimConfig
 
 log = logging.getLogger(__name__)
+# Hydra's .hydra/ folder is in the run directory, where metrics.csv goes too: nothing is overwritten
+warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
 
 
 def run(cfg: DictConfig) -> float | None:
@@ -36,15 +41,26 @@ def run(cfg: DictConfig) -> float | None:
     trainer = build_trainer(cfg)
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    if cfg.validate_first and ckpt_path is None:  # where a finetune starts from, logged at step 0
-        trainer.validate(module, datamodule=datamodule, verbose=False)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        if cfg.validate_first and ckpt_path is None:  # where a finetune starts from, logged at step 0
+            trainer.validate(module, datamodule=datamodule, verbose=False)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:
+        finish_wandb(trainer)
     if trainer.is_global_zero:
         finetune.save(module.model, cfg.output_dir, merged=cfg.finetune.get("save_merged", False))
     best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
     if best is None:
         best = trainer.callback_metrics.get("val/loss")
     return None if best is None else float(best)
+
+
+def finish_wandb(trainer: L.Trainer) -> None:
+    """End the wandb run: Lightning leaves it open, and the next job of a multirun in this process would
+    otherwise log into it."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()
 
 
 def build_trainer(cfg: DictConfig) -> L.Trainer:
@@ -58,6 +74,9 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
         trainer_args["val_check_interval"] = batches  # a run shorter than one interval validates at its end
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+    # Lightning adds a checkpoint callback and a progress bar of its own unless told not to: only cfg.callbacks count
+    trainer_args.setdefault("enable_checkpointing", any(isinstance(c, ModelCheckpoint) for c in callbacks))
+    trainer_args.setdefault("enable_progress_bar", any(isinstance(c, ProgressBar) for c in callbacks))
     try:
         return L.Trainer(**trainer_args, callbacks=callbacks, logger=loggers or False,
                          default_root_dir=cfg.output_dir)

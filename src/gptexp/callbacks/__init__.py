@@ -1,5 +1,8 @@
-"""Lightning callbacks that record what a run does; each is selected in conf/callbacks/."""
+"""Lightning callbacks that measure and record what a run does; each is selected in conf/callbacks/."""
 
+from gptexp.callbacks.memory import MemoryMonitor
 from gptexp.callbacks.samples import TextSamples
+from gptexp.callbacks.throughput import Throughput
+from gptexp.callbacks.timing import PhaseTimer
 
-__all__ = ["TextSamples"]
+__all__ = ["MemoryMonitor", "PhaseTimer", "TextSamples", "Throughput"]

@@ -1,7 +1,8 @@
-"""Text samples during training: what the model writes, recorded after every validation."""
+"""Text samples during training: what the model writes, at chosen steps and after every validation."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import lightning as L
@@ -14,40 +15,53 @@ from gptexp.models.generation import check_sampling
 
 
 class TextSamples(L.Callback):
-    """After each validation, generate from `prompt` and append the text to `<output_dir>/samples.md`
-    and to a wandb table `samples` (step, val/loss, text). The tokenizer is the data module's.
-
-    Sampling uses its own seeded generator, so it never moves the training RNG.
+    """Generate from `prompt` after the optimizer steps in `at_steps` (e.g. 5, 100, 1600) and, with
+    `after_validation`, after every validation. Each sample is appended to `<output_dir>/samples.md`
+    and to a wandb table `samples` (step, val/loss, text); its time is logged as time/sample_ms.
+    The tokenizer is the data module's. Sampling uses its own seeded generator, so it never moves
+    the training RNG.
     """
 
-    def __init__(self, output_dir: str, prompt: str = "\n", max_new_tokens: int = 200,
-                 temperature: float = 0.8, top_k: int | None = 200, top_p: float | None = None, seed: int = 0):
+    def __init__(self, output_dir: str, prompt: str = "\n", max_new_tokens: int = 200, temperature: float = 0.8,
+                 top_k: int | None = 200, top_p: float | None = None, seed: int = 0,
+                 at_steps: tuple[int, ...] = (), after_validation: bool = True):
         check_sampling(temperature, top_k, top_p)
         self.path = Path(output_dir) / "samples.md"
         self.prompt, self.max_new_tokens = prompt, max_new_tokens
         self.temperature, self.top_k, self.top_p, self.seed = temperature, top_k, top_p, seed
+        self.at_steps, self.after_validation = set(at_steps), after_validation
         self.rows: list[list] = []
+        self.durations_ms: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step in self.at_steps:
+            self.at_steps.discard(trainer.global_step)  # once, though accumulation repeats a step number
+            self.sample(trainer, pl_module, val_loss=None)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.after_validation and not trainer.sanity_checking:
+            self.sample(trainer, pl_module, val_loss=float(trainer.callback_metrics.get("val/loss", float("nan"))))
 
     @rank_zero_only
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
+    def sample(self, trainer: L.Trainer, pl_module: L.LightningModule, val_loss: float | None) -> None:
+        start = time.perf_counter()
         tokenizer, model = trainer.datamodule.tokenizer, pl_module.model
-        prompt = prompt_ids(tokenizer, self.prompt)
         device = next(model.parameters()).device
         generator = torch.Generator(device=device).manual_seed(self.seed)
-        idx = torch.tensor([prompt[-model.context_length:]], device=device)
+        idx = torch.tensor([prompt_ids(tokenizer, self.prompt)[-model.context_length:]], device=device)
         out = model.generate(idx, self.max_new_tokens, self.temperature, self.top_k, self.top_p, generator=generator)
         text = tokenizer.decode(out[0].tolist())
-        val_loss = trainer.callback_metrics.get("val/loss")
-        val_loss = float(val_loss) if val_loss is not None else float("nan")
         self.write(trainer.global_step, val_loss, text)
-        self.rows.append([trainer.global_step, val_loss, text])
+        self.rows.append([trainer.global_step, float("nan") if val_loss is None else val_loss, text])
+        self.durations_ms.append(1e3 * (time.perf_counter() - start))
         for logger in trainer.loggers:
+            logger.log_metrics({"time/sample_ms": self.durations_ms[-1], "steps": trainer.global_step},
+                               step=trainer.global_step)
             if isinstance(logger, WandbLogger):  # a wandb table is immutable: log all rows so far
                 logger.log_text(key="samples", columns=["step", "val_loss", "text"], data=self.rows)
 
-    def write(self, step: int, val_loss: float, text: str) -> None:
+    def write(self, step: int, val_loss: float | None, text: str) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        heading = f"## after {step} steps" + ("" if val_loss is None else f" (val/loss {val_loss:.4f})")
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(f"## after {step} steps (val/loss {val_loss:.4f})\n\n```text\n{text}\n```\n\n")
+            f.write(f"{heading}\n\n```text\n{text}\n```\n\n")

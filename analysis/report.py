@@ -1,0 +1,78 @@
+"""A report of a run or a sweep: python analysis/report.py <run or sweep directory> [--wandb entity/project]
+
+Writes <directory>/report/: each figure that the runs' metrics allow (loss, perplexity, throughput,
+phases, memory, sweep) as PNG and PDF, and summary.md, a table of the runs and links to the figures.
+The directory may also be a wandb offline run folder; with --wandb the runs come from the wandb API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import figures
+from runs import Run, load
+
+
+def last(run: Run, column: str) -> float:
+    values = run.metrics[column].dropna() if column in run.metrics else []
+    return float(values.iloc[-1]) if len(values) else math.nan
+
+
+def median(run: Run, column: str) -> float:
+    values = run.metrics[column].dropna() if column in run.metrics else []
+    return float(values.median()) if len(values) else math.nan
+
+
+def summary(runs: list[Run], written: list[str], source: str) -> str:
+    """Markdown: one row per run (its overrides, length, best and final validation, speed, phase shares)."""
+    swept = figures.swept_keys(runs) if len(runs) > 1 else list(runs[0].overrides)
+    common = {k: v for k, v in runs[0].overrides.items() if k not in swept}
+    lines = [f"# Report: {source}", "", f"{len(runs)} run{'s' if len(runs) > 1 else ''}"
+             + (f"; every run with {', '.join(f'`{k}={v}`' for k, v in common.items())}" if common else "") + ".", "",
+             "| run | overrides | steps | best val/loss | final val/ppl | tokens/s (median) | MFU | "
+             "data / forward / backward / optimizer |", "|---|---|---|---|---|---|---|---|"]
+    for run in runs:
+        best = run.metrics["val/loss"].min() if "val/loss" in run.metrics else math.nan
+        means = [median(run, f"time/{phase}_ms") for phase in figures.PHASES]
+        total = sum(m for m in means if m == m)
+        shares = " / ".join(f"{100 * m / total:.0f}%" for m in means) if total else ""
+        overrides = ", ".join(f"`{k}={run.overrides[k]}`" for k in swept if k in run.overrides)
+        lines.append(f"| {run.name} | {overrides} | {int(run.metrics['steps'].max())} | {best:.4f} | "
+                     f"{last(run, 'val/ppl'):.3f} | {median(run, 'perf/tokens_per_sec'):,.0f} | "
+                     f"{median(run, 'perf/mfu'):.1%} | {shares} |")
+    if len(runs) > 1 and any("val/loss" in r.metrics for r in runs):
+        best_run = min((r for r in runs if "val/loss" in r.metrics), key=lambda r: r.metrics["val/loss"].min())
+        lines += ["", f"Best: **{best_run.name}** ({', '.join(f'{k}={best_run.overrides.get(k)}' for k in swept)}), "
+                      f"val/loss {best_run.metrics['val/loss'].min():.4f}."]
+    lines += ["", "## Figures", ""] + [f"![{name}]({name}.png) ([PDF]({name}.pdf))" for name in written]
+    return "\n".join(lines) + "\n"
+
+
+def report(path: str | Path, wandb_project: str | None = None, out: str | Path | None = None) -> Path:
+    runs = load(path, wandb_project)
+    out = Path(out or Path(path) / "report")
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, draw in figures.FIGURES.items():
+        figure = draw(runs)
+        if figure is not None:
+            for extension in ("png", "pdf"):
+                figure.save(out / f"{name}.{extension}", width=9, height=4.5, dpi=120, verbose=False)
+            written.append(name)
+    (out / "summary.md").write_text(summary(runs, written, wandb_project or str(path)))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("path", help="a run directory, a sweep directory or a wandb offline run folder")
+    parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read the runs from the wandb API instead")
+    parser.add_argument("--out", help="where to write the report (default: <path>/report)")
+    args = parser.parse_args()
+    print(report(args.path, args.wandb, args.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""The measuring callbacks on a real run (train.py, default callbacks), and the allocation counter."""
+
+import statistics
+
+import pytest
+import torch
+from training import column, metrics
+
+from gptexp.callbacks.memory import AllocationCounter
+
+PHASES = ("data", "forward", "backward", "optimizer")
+
+
+def test_phase_times_add_up_to_the_step(run_dir):
+    rows = metrics(run_dir)
+    for row in (r for r in rows if r.get("time/step_ms")):
+        phases = sum(float(row[f"time/{p}_ms"]) for p in PHASES if row.get(f"time/{p}_ms"))
+        assert phases == pytest.approx(float(row["time/step_ms"]), rel=1e-6)
+        assert float(row["time/forward_ms"]) > 0 and float(row["time/backward_ms"]) > 0
+    assert column(rows, "time/validation_ms") and column(rows, "time/sample_ms")
+    assert column(rows, "time/checkpoint_ms")
+    table = (run_dir / "stdout.txt").read_text()
+    assert "time per phase" in table and all(f"\n{p} " in table for p in (*PHASES, "validation", "sample"))
+
+
+def test_throughput_agrees_with_the_step_time_and_mfu_is_a_fraction(run_dir):
+    rows = [r for r in metrics(run_dir) if r.get("perf/tokens_per_sec")]
+    assert rows
+    tokens_per_step = 16 * 32  # TINY: batch 16, windows of 32
+    for row in rows:
+        from_timing = 1e3 * tokens_per_step / float(row["time/step_ms"])
+        assert float(row["perf/tokens_per_sec"]) == pytest.approx(from_timing, rel=0.35)
+        assert float(row["perf/samples_per_sec"]) * 32 == pytest.approx(float(row["perf/tokens_per_sec"]), rel=1e-6)
+        assert 0 < float(row["perf/mfu"]) < 1
+
+
+def test_memory_is_logged(run_dir):
+    peaks = [v for _, v in column(metrics(run_dir), "mem/peak_rss_mb")]
+    assert peaks and all(100 < p < 20_000 for p in peaks)
+
+
+def test_allocations_are_counted_on_sampled_steps(sweep_dir):
+    rows = metrics(sweep_dir / "0")  # callbacks=all with count_every=10
+    counts = [v for _, v in column(rows, "mem/allocations")]
+    assert counts and statistics.median(counts) > 50
+    assert all(float(r["mem/allocated_mb"]) > 0 for r in rows if r.get("mem/allocations"))
+
+
+def test_samples_at_chosen_steps_and_after_validation(run_dir):
+    samples = (run_dir / "samples.md").read_text()
+    headings = [line for line in samples.splitlines() if line.startswith("## ")]
+    assert headings[0] == "## after 5 steps"  # at_steps [5, 100, 1600]: 100 and 1600 are past this run's 40
+    assert [h.split(" (")[0] for h in headings[1:]] == ["## after 20 steps", "## after 40 steps"]
+
+
+def test_allocation_counter_counts_new_storage_only():
+    a = torch.ones(10)
+    with AllocationCounter() as counter:
+        b = a + 1  # a new 40-byte tensor
+        a.view(2, 5)  # a view: no allocation
+        a.add_(1)  # in place: none
+        torch.matmul(b.view(1, 10), torch.ones(10, 3))  # the ones (120 bytes) and the product (12 bytes)
+    assert (counter.count, counter.bytes) == (3, 40 + 120 + 12)

@@ -100,3 +100,20 @@ def test_lora_finetune_of_the_real_llama_in_bf16_on_the_gpu(tmp_path):
         ppl = [float(r["val/ppl"]) for r in csv.DictReader(f) if r["val/ppl"]]
     assert len(ppl) == 3 and ppl[2] < ppl[1] < ppl[0]  # before training (finetune=lora validates first), 30, 60
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_measuring_callbacks_on_the_gpu(tmp_path):
+    """CUDA-event phase times, allocator statistics and a memory snapshot for pytorch.org/memory_viz."""
+    result = subprocess.run(
+        [sys.executable, "train.py", "trainer.accelerator=gpu", "trainer.max_steps=40", "trainer.val_check_interval=20",
+         "callbacks=all", "callbacks.memory.snapshot_at_step=15", "logger=csv", f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    measured = [r for r in rows if r.get("mem/peak_allocated_mb")]
+    assert measured and all(float(r["mem/allocations"]) > 10 and float(r["mem/peak_reserved_mb"]) > 0 for r in measured)
+    timed = [r for r in rows if r.get("time/step_ms")]
+    assert timed and all(float(r["time/forward_ms"]) > 0 and 0 < float(r["perf/mfu"]) < 1 for r in timed)
+    assert (tmp_path / "memory_snapshot.pickle").stat().st_size > 1000
+    assert "time per phase" in result.stdout + result.stderr

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import lightning as L
 import torch
@@ -49,6 +49,11 @@ class LanguageModelModule(L.LightningModule):
         super().__init__()
         self.model, self.optim = model, optim
         self.val_loss = MeanMetric()  # token-weighted mean cross-entropy over the validation split
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Record the architecture, so a checkpoint alone rebuilds its model (gptexp.export)."""
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        checkpoint["gptexp_model"] = {"class": type(base).__name__, "config": asdict(base.config)}
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         return self.model(idx, targets)

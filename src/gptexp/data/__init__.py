@@ -24,7 +24,7 @@ __all__ = ["DATASETS", "DataConfig", "DataSource", "TokenDataModule", "CharToken
 @dataclass
 class DataSource:
     config: DataConfig
-    splits: dict[str, list[str]]  # documents per split
+    splits: dict[str, list[str]] | None  # documents per split; None when data.shards gives the tokens
     tokenizer: Any
 
 
@@ -32,6 +32,11 @@ def load(cfg: Mapping[str, Any], model_tokenizer: str | None) -> DataSource:
     """The dataset a conf/data/*.yaml names, with the tokenizer to use: the model's (`model_tokenizer`:
     gpt2, a SentencePiece file, or char), or the characters of the text when data.tokenizer=char."""
     config = build_dataclass(DataConfig, cfg, "data")
+    if config.shards:
+        if config.tokenizer == "char" or model_tokenizer == "char":
+            raise ConfigError("data.shards holds llm.c's GPT-2 tokens, not characters: train a GPT-2 "
+                              "(model=gpt2 or model.tokenizer=gpt2) with data.tokenizer=model")
+        return DataSource(config, None, load_tokenizer(model_tokenizer))
     if config.name not in DATASETS:
         raise ConfigError(f"data.name={config.name!r} is not a known dataset; choose one of {', '.join(DATASETS)}")
     try:

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from gptexp.config import ConfigError
+from gptexp.data.llmc_shards import ShardError, read_split
 from gptexp.data.token_files import load_tokens, tokenize_once
 from gptexp.data.windows import RandomBatches, SequentialBatches, TokenWindows
 
@@ -26,6 +27,7 @@ class DataConfig:
     source: str = "auto"  # where the text comes from, for datasets with a choice: auto | bundled | hub
     cache_dir: str = "~/.cache/gptexp"
     num_workers: int = 0
+    shards: str | None = None  # read llm.c token shards {shards}_train_*.bin / {shards}_val_*.bin instead of the text
 
     def __post_init__(self):
         for key in ("seq_len", "batch_size"):
@@ -52,30 +54,48 @@ def fingerprint(splits: dict[str, list[str]]) -> str:
 
 
 class TokenDataModule(L.LightningDataModule):
-    """Random training windows and fixed validation windows over cached token files.
+    """Random training windows and fixed validation windows over cached token files (the documents
+    of `splits`, tokenized once) or, with data.shards set, over llm.c's token shards.
 
     The training loader yields exactly max_steps x accumulate_grad_batches batches; on resume it
     starts at the first batch the interrupted run had not consumed.
     """
 
-    def __init__(self, config: DataConfig, splits: dict[str, list[str]], tokenizer, seq_len: int, seed: int = 0):
+    def __init__(self, config: DataConfig, splits: dict[str, list[str]] | None, tokenizer, seq_len: int,
+                 seed: int = 0):
         super().__init__()
         self.config, self.tokenizer, self.seq_len, self.seed = config, tokenizer, seq_len, seed
         self.splits = splits
-        self.directory = Path(config.cache_dir).expanduser() / f"{config.name}-{fingerprint(splits)}" / tokenizer.name
+        if splits is not None:
+            self.directory = Path(config.cache_dir).expanduser() / f"{config.name}-{fingerprint(splits)}" / tokenizer.name
         self.tokens = {}
 
     def prepare_data(self) -> None:
-        tokenize_once(self.directory, self.splits, self.tokenizer)
+        if self.splits is not None:
+            tokenize_once(self.directory, self.splits, self.tokenizer)
 
     def setup(self, stage: str | None = None) -> None:
-        paths = tokenize_once(self.directory, self.splits, self.tokenizer)
-        self.tokens = {split: load_tokens(path) for split, path in paths.items()}
+        self.tokens = self._shards() if self.config.shards else {
+            split: load_tokens(path) for split, path in tokenize_once(self.directory, self.splits, self.tokenizer).items()}
         for split, tokens in self.tokens.items():
             if len(tokens) < self.seq_len + 1:
                 raise ConfigError(f"a window of data.seq_len={self.seq_len} tokens needs at least {self.seq_len + 1} "
                                   f"tokens, but the {split} split of {self.config.name} has {len(tokens)}; "
                                   f"lower data.seq_len")
+
+    def _shards(self) -> dict:
+        try:
+            tokens = {split: read_split(self.config.shards, split) for split in ("train", "val")}
+        except ShardError as error:
+            raise ConfigError(f"data.shards: {error}") from error
+        for split, array in tokens.items():
+            # every shard's largest id, one shard at a time (memory-mapped)
+            largest = max(int(s.max()) for s in getattr(array, "shards", [array]) if len(s))
+            if largest >= self.tokenizer.vocab_size:
+                raise ConfigError(f"data.shards: the {split} shards hold token id {largest}, beyond the "
+                                  f"{self.tokenizer.name} tokenizer's {self.tokenizer.vocab_size}: llm.c's shards "
+                                  f"hold GPT-2 tokens, so train a GPT-2 model on them")
+        return tokens
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer

@@ -1,0 +1,43 @@
+"""Write a dataset as llm.c's token shards: python -m gptexp.prepare data=<dataset> output=<dir>
+
+Each split becomes {output}/{data.name}_{split}_{k:06d}.bin (GPT-2 tokens, <|endoftext|> before every
+document). Train on them with `python train.py model=gpt2 data.shards={output}/{data.name}`, or hand
+them to llm.c's train_gpt2 (-i / -j).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from gptexp import data
+from gptexp.config import ConfigError
+from gptexp.data.llmc_shards import ShardError, encode_for_llmc, write_split
+
+
+def prepare(cfg: DictConfig) -> dict[str, int]:
+    """Tokens written per split."""
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True) | {"shards": None, "tokenizer": "model"}
+    source = data.load(data_cfg, cfg.tokenizer)
+    counts = {}
+    for split, documents in source.splits.items():
+        tokens = encode_for_llmc(documents, source.tokenizer)
+        paths = write_split(cfg.output, source.config.name, split, tokens, cfg.shard_tokens)
+        counts[split] = len(tokens)
+        print(f"{split}: {len(documents)} documents, {len(tokens):,} tokens -> {', '.join(map(str, paths))}")
+    return counts
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="tools/prepare")
+def main(cfg: DictConfig) -> None:
+    try:
+        prepare(cfg)
+    except (ConfigError, ShardError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

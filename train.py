@@ -2,12 +2,12 @@
 
 import hydra
 
-from gptexp.train import run
+from gptexp.train import main as train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg) -> float | None:
-    return run(cfg)
+    return train(cfg)
 
 
 if __name__ == "__main__":

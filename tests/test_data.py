@@ -71,10 +71,20 @@ def test_random_batches_are_reproducible_per_step_and_in_range():
     resumed = list(RandomBatches(1000, 16, 4, num_batches=10, seed=(7, 0), start=6))
     assert len(full) == 10 and len(resumed) == 4
     assert all(np.array_equal(a, b) for a, b in zip(full[6:], resumed))
-    other_rank = list(RandomBatches(1000, 16, 4, num_batches=10, seed=(7, 1)))
-    assert not np.array_equal(full[0], other_rank[0])
+    other_seed = list(RandomBatches(1000, 16, 4, num_batches=10, seed=(7, 1)))
+    assert not np.array_equal(full[0], other_seed[0])
     offsets = np.concatenate(list(RandomBatches(40, 16, 64, num_batches=50, seed=(0,))))
     assert offsets.min() == 0 and offsets.max() == 40 - 16 - 1
+
+
+def test_ranks_split_the_global_batch_of_one_process():
+    """Two processes with batch 4 see, step by step, the windows of one process with batch 8."""
+    one = list(RandomBatches(1000, 16, 8, num_batches=5, seed=(7, 0)))
+    ranks = [list(RandomBatches(1000, 16, 4, num_batches=5, seed=(7, 0), rank=r, world_size=2)) for r in (0, 1)]
+    for k in range(5):
+        assert np.array_equal(np.concatenate([ranks[0][k], ranks[1][k]]), one[k])
+    val = [np.concatenate(list(SequentialBatches(1001, 10, 32, rank=r, world_size=2))) for r in (0, 1)]
+    assert np.array_equal(np.sort(np.concatenate(val)), np.arange(0, 1000, 10))  # each window once, in all
 
 
 def test_validation_windows_cover_the_split_once():

@@ -39,7 +39,8 @@ def peak_flops(device: torch.device | str, dtype: torch.dtype = torch.float32) -
 def measured_cpu_matmul_flops(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 10) -> float:
     """The CPU's matrix-product rate with torch's threads: the fastest of `repeats` n^3 products after a
     warm-up (other load on the machine only ever slows a product down, so the fastest is the peak)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    generator = torch.Generator().manual_seed(0)  # its own: a measurement must not move training's RNG
+    a, b = (torch.randn(n, n, dtype=dtype, generator=generator) for _ in range(2))
     torch.mm(a, b)
     fastest = float("inf")
     for _ in range(repeats):

@@ -42,29 +42,61 @@ def lr_at(step: int, optim: OptimConfig, decay_steps: int) -> float:
     return optim.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (optim.lr - optim.min_lr)
 
 
-class LanguageModelModule(L.LightningModule):
-    """Trains any gptexp LanguageModel on (x, y) batches of token ids."""
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite and the run was told to stop (on_nonfinite_loss=stop)."""
 
-    def __init__(self, model: LanguageModel, optim: OptimConfig):
+
+class LanguageModelModule(L.LightningModule):
+    """Trains any gptexp LanguageModel on (x, y) batches of token ids.
+
+    A non-finite training loss stops the run at once with a message naming the step (the last good
+    checkpoint stays), or with on_nonfinite_loss="skip" the step is skipped (no backward, no update)
+    and counted in train/skipped_steps.
+    """
+
+    def __init__(self, model: LanguageModel, optim: OptimConfig, on_nonfinite_loss: str = "stop"):
         super().__init__()
-        self.model, self.optim = model, optim
+        if on_nonfinite_loss not in ("stop", "skip"):
+            raise ValueError(f"on_nonfinite_loss must be 'stop' or 'skip', got {on_nonfinite_loss!r}")
+        self.model, self.optim, self.on_nonfinite_loss = model, optim, on_nonfinite_loss
         self.val_loss = MeanMetric()  # token-weighted mean cross-entropy over the validation split
+        self.skipped_steps = 0
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Record the architecture, so a checkpoint alone rebuilds its model (gptexp.export)."""
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         checkpoint["gptexp_model"] = {"class": type(base).__name__, "config": asdict(base.config)}
+        checkpoint["skipped_steps"] = self.skipped_steps
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.skipped_steps = checkpoint.get("skipped_steps", 0)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         return self.model(idx, targets)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         _, loss = self.model(*batch)
+        finite = bool(torch.isfinite(loss))
+        if self.trainer.world_size > 1:  # every process skips (or stops), or none does
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
+            return self.nonfinite_loss(loss)
         if self.logging_step():
-            self.log("train/loss", loss, prog_bar=True)
+            self.log("train/loss", loss, prog_bar=True, sync_dist=self.trainer.world_size > 1)
             self.log_dict({"train/lr": self.lr_schedulers().get_last_lr()[0],
                            "steps": float(self.trainer.global_step + 1)})  # optimizer steps done, this one included
         return loss
+
+    def nonfinite_loss(self, loss: torch.Tensor) -> None:
+        step = self.trainer.global_step + 1
+        if self.on_nonfinite_loss == "stop":
+            raise NonFiniteLossError(
+                f"the training loss is {loss.item()} at step {step}; the run stopped and its last checkpoint "
+                f"is the last good one. Lower optim.lr, keep trainer.gradient_clip_val, or set "
+                f"on_nonfinite_loss=skip to skip such steps")
+        self.skipped_steps += 1
+        self.log("train/skipped_steps", float(self.skipped_steps))
+        return None  # Lightning then skips backward and the optimizer update of this step
 
     def logging_step(self) -> bool:
         """Whether the step under way is one Lightning writes to the loggers (every log_every_n_steps, and

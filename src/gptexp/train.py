@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -11,15 +14,60 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.loggers import WandbLogger
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf, read_write
 
-from gptexp import data, finetune, models
+from gptexp import checkpoints, data, finetune, models
+from gptexp.callbacks.resume import GracefulStop, ResumeState
 from gptexp.config import ConfigError, build_dataclass
 from gptexp.module import LanguageModelModule, OptimConfig
 
 log = logging.getLogger(__name__)
 # Hydra's .hydra/ folder is in the run directory, where metrics.csv goes too: nothing is overwritten
 warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
+
+
+# mistakes in what the user asked for: answered by one line naming the problem and the fix, not a traceback
+USER_ERRORS = (ConfigError, checkpoints.CheckpointError, FileNotFoundError, NotADirectoryError, PermissionError)
+
+
+def main(cfg: DictConfig) -> float | None:
+    """`run`, for the command line: a user error ends the run with its message on stderr (exit status 2),
+    and a run directory this run made is removed, so no partial output stays behind."""
+    output_dir = Path(cfg.output_dir)
+    made_here = all(p.name == ".hydra" or p.suffix == ".log" for p in output_dir.iterdir())
+    relaunch_as_this_job()
+    try:
+        return run(cfg)
+    except USER_ERRORS as error:
+        if made_here:
+            shutil.rmtree(output_dir, ignore_errors=True)
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+# the variables Lightning's DDP launcher sets in the launching process, as they were before any job
+DISTRIBUTED_ENV = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")}
+
+
+def relaunch_as_this_job() -> None:
+    """Lightning starts a run's other DDP processes by running sys.argv again with hydra.run.dir=<hydra.run.dir>.
+    In a multirun job those describe the whole sweep and a directory outside it; make them this job's, and
+    undo what the previous job's launch left in this process."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    hydra_cfg = HydraConfig.get()
+    sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
+    with read_write(hydra_cfg):
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+    for key, value in DISTRIBUTED_ENV.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def run(cfg: DictConfig) -> float | None:
@@ -37,8 +85,11 @@ def run(cfg: DictConfig) -> float | None:
              source.tokenizer.name, source.tokenizer.vocab_size)
     model = finetune.apply(model, cfg.finetune)
     datamodule = data.build(source, model.context_length, seed=cfg.seed)
-    module = LanguageModelModule(model, build_dataclass(OptimConfig, cfg.optim, "optim"))
-    trainer = build_trainer(cfg)
+    datamodule.prepare_data()
+    datamodule.setup("fit")  # data errors (too short for a window, bad shards) before any output is written
+    module = LanguageModelModule(model, build_dataclass(OptimConfig, cfg.optim, "optim"), cfg.on_nonfinite_loss)
+    resumed = checkpoint_of(ckpt_path, module)
+    trainer = build_trainer(cfg, wandb_id=resumed.get("wandb_id"))
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:
@@ -55,6 +106,15 @@ def run(cfg: DictConfig) -> float | None:
     return None if best is None else float(best)
 
 
+def checkpoint_of(ckpt_path: str | None, module: L.LightningModule) -> dict:
+    """Check a checkpoint to resume from against the module (memory-mapped: cheap); its gptexp_resume record."""
+    if ckpt_path is None:
+        return {}
+    checkpoint = checkpoints.load(ckpt_path, mmap=True)
+    checkpoints.check_compatible(checkpoint.get("state_dict", {}), module.state_dict(), ckpt_path)
+    return checkpoint.get("gptexp_resume", {})
+
+
 def finish_wandb(trainer: L.Trainer) -> None:
     """End the wandb run: Lightning leaves it open, and the next job of a multirun in this process would
     otherwise log into it."""
@@ -63,8 +123,10 @@ def finish_wandb(trainer: L.Trainer) -> None:
             logger.experiment.finish()
 
 
-def build_trainer(cfg: DictConfig) -> L.Trainer:
-    """A Lightning Trainer from cfg.trainer, with the callbacks and loggers cfg.callbacks and cfg.logger list."""
+def build_trainer(cfg: DictConfig, wandb_id: str | None = None) -> L.Trainer:
+    """A Lightning Trainer from cfg.trainer, with the callbacks and loggers cfg.callbacks and cfg.logger list,
+    atomic checkpoint writes, resumable RNG states and SIGTERM / Ctrl-C stops with a checkpoint.
+    `wandb_id`: the wandb run a resumed run continues."""
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     steps = trainer_args.get("max_steps", -1)
     if not isinstance(steps, int) or steps <= 0:
@@ -73,13 +135,16 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
     if isinstance(trainer_args.get("val_check_interval"), int) and trainer_args["val_check_interval"] > batches:
         trainer_args["val_check_interval"] = batches  # a run shorter than one interval validates at its end
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
-    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+    callbacks += [ResumeState(), GracefulStop(str(Path(cfg.output_dir) / "checkpoints" / "last.ckpt"))]
+    resume = {"id": wandb_id, "resume": "allow"} if wandb_id else {}
+    loggers = [hydra.utils.instantiate(c, **(resume if "wandb" in c.get("_target_", "") else {}))
+               for c in (cfg.get("logger") or {}).values() if c]
     # Lightning adds a checkpoint callback and a progress bar of its own unless told not to: only cfg.callbacks count
     trainer_args.setdefault("enable_checkpointing", any(isinstance(c, ModelCheckpoint) for c in callbacks))
     trainer_args.setdefault("enable_progress_bar", any(isinstance(c, ProgressBar) for c in callbacks))
     try:
         return L.Trainer(**trainer_args, callbacks=callbacks, logger=loggers or False,
-                         default_root_dir=cfg.output_dir)
+                         default_root_dir=cfg.output_dir, plugins=[checkpoints.AtomicCheckpointIO()])
     except TypeError as error:
         raise ConfigError(f"trainer: {error}; trainer.* keys are lightning.Trainer arguments") from error
 
@@ -92,10 +157,12 @@ def resolve_ckpt_path(ckpt_path: str | None) -> str | None:
     if path.is_dir():
         for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
             if candidate.is_file():
+                checkpoints.check_readable(candidate)
                 return str(candidate)
         raise FileNotFoundError(f"ckpt_path={ckpt_path} is a directory without checkpoints/last.ckpt; "
                                 f"pass a run directory (outputs/<date>/<time>) or a .ckpt file")
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist; pass a .ckpt file or a run directory "
                                 f"(outputs/<date>/<time>) holding checkpoints/last.ckpt")
+    checkpoints.check_readable(path)
     return str(path)

@@ -101,14 +101,19 @@ class TokenDataModule(L.LightningDataModule):
         trainer = self.trainer
         batches_per_step = trainer.accumulate_grad_batches
         sampler = RandomBatches(len(self.tokens["train"]), self.seq_len, self.config.batch_size,
-                                num_batches=trainer.max_steps * batches_per_step,
-                                seed=(self.seed, trainer.global_rank), start=trainer.global_step * batches_per_step)
+                                num_batches=trainer.max_steps * batches_per_step, seed=(self.seed, 0),
+                                start=lambda: trainer.global_step * batches_per_step, rank=trainer.global_rank,
+                                world_size=trainer.world_size)
         return self._loader(self.tokens["train"], sampler)
 
     def val_dataloader(self) -> DataLoader:
         batch_size = self.config.eval_batch_size or max(1, 8192 // self.seq_len)
-        return self._loader(self.tokens["val"], SequentialBatches(len(self.tokens["val"]), self.seq_len, batch_size))
+        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        return self._loader(self.tokens["val"], SequentialBatches(len(self.tokens["val"]), self.seq_len, batch_size,
+                                                                  rank, world_size))
 
     def _loader(self, tokens, sampler) -> DataLoader:
+        # a generator of its own: making an iterator then draws nothing from torch's global RNG (exact resume)
         return DataLoader(TokenWindows(tokens, self.seq_len), sampler=sampler, batch_size=None,
-                          num_workers=self.config.num_workers, pin_memory=torch.cuda.is_available())
+                          num_workers=self.config.num_workers, pin_memory=torch.cuda.is_available(),
+                          generator=torch.Generator().manual_seed(self.seed))

@@ -1,0 +1,199 @@
+"""Nothing is lost: exact resume after SIGKILL, SIGTERM stops with a checkpoint, atomic checkpoint
+writes, non-finite losses, determinism and DDP. Runs go through train.py in subprocesses, as a user's."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from training import ROOT, TINY, column, metrics, train
+
+from gptexp import checkpoints, data, models
+from gptexp.callbacks import PeriodicCheckpoint, ResumeState
+from gptexp.module import LanguageModelModule, NonFiniteLossError, OptimConfig
+
+# long enough to be killed between two checkpoints; dropout makes the torch RNG state matter
+LONG = ["trainer.max_steps=150", "optim.decay_steps=150", "trainer.val_check_interval=75", "trainer.log_every_n_steps=1",
+        "model.dropout=0.1", "callbacks.resume_point.every_n_steps=20", "callbacks.samples.at_steps=[10]"]
+FINETUNES = {"full": [], "lora": ["finetune=lora", "finetune.r=4"]}
+
+
+def launch(*overrides: str, run_dir: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "train.py", *TINY, *overrides, f"hydra.run.dir={run_dir}"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=os.environ | {"PYTHONWARNINGS": "ignore"})
+
+
+def saved_step(path: Path) -> int:
+    return checkpoints.load(path)["global_step"]
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return dict(column(metrics(run_dir), "train/loss"))
+
+
+@pytest.mark.parametrize("finetune", FINETUNES)
+def test_a_run_killed_at_any_step_resumes_exactly(finetune, tmp_path):
+    """SIGKILL between two checkpoints; the resumed run's losses equal the uninterrupted run's (1e-6),
+    and the wandb run goes on under the same id."""
+    args = [*LONG, *FINETUNES[finetune]]
+    reference = train(*args, "logger=csv", run_dir=tmp_path / "reference")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    killed = launch(*args, run_dir=tmp_path / "killed")
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    wait_for(lambda: last.exists() and saved_step(last) >= 40, killed)
+    time.sleep(0.15)  # some steps after that checkpoint, at no particular step
+    killed.send_signal(signal.SIGKILL)
+    assert killed.wait() == -signal.SIGKILL
+    start = saved_step(last)
+    assert 40 <= start < 150
+
+    resumed = train(*args, f"ckpt_path={tmp_path / 'killed'}", run_dir=tmp_path / "resumed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected, got = losses(tmp_path / "reference"), losses(tmp_path / "resumed")
+    assert sorted(got) == list(range(start, 150))  # every step after the checkpoint, once
+    for step, loss in got.items():
+        assert loss == pytest.approx(expected[step], abs=1e-6), step
+    if finetune == "full":
+        ids = [{p.name.rsplit("-", 1)[1] for p in (tmp_path / run / "wandb").glob("offline-run-*")}
+               for run in ("killed", "resumed")]
+        assert len(ids[0]) == 1 and ids[0] == ids[1]
+
+
+def test_sigterm_stops_with_a_checkpoint_that_resumes(tmp_path):
+    run = launch(*LONG, "trainer.max_steps=100000", "logger=csv", run_dir=tmp_path / "run")
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    wait_for(last.exists, run)
+    time.sleep(0.2)
+    run.send_signal(signal.SIGTERM)
+    stdout, stderr = run.communicate(timeout=60)
+    assert run.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "stopped by SIGTERM after step" in stdout + stderr and "Traceback" not in stderr
+    step = saved_step(last)
+    assert step > 20 and step % 20 != 0  # written at the stop, not by the periodic save
+    resumed = train(*LONG, f"trainer.max_steps={step + 5}", f"ckpt_path={last}", "logger=csv",
+                    run_dir=tmp_path / "resumed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert min(losses(tmp_path / "resumed")) == step
+
+
+def test_a_kill_during_a_save_leaves_the_last_good_checkpoint(tmp_path):
+    path = tmp_path / "last.ckpt"
+    checkpoints.save_atomically({"version": "good", "w": torch.ones(3)}, path)
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import sys, torch; from gptexp.checkpoints import save_atomically; "
+        "save_atomically({'version': 'new', 'w': torch.zeros(150_000_000)}, sys.argv[1])"), str(path)])
+    wait_for(lambda: any(tmp_path.glob(".last.ckpt.*.tmp")), writer)
+    writer.send_signal(signal.SIGKILL)
+    assert writer.wait() == -signal.SIGKILL
+    assert checkpoints.load(path)["version"] == "good"
+
+
+def test_a_truncated_checkpoint_is_refused_before_any_work(run_dir, tmp_path):
+    broken = tmp_path / "broken.ckpt"
+    broken.write_bytes((run_dir / "checkpoints" / "last.ckpt").read_bytes()[:-1000])
+    result = train(f"ckpt_path={broken}", run_dir=tmp_path / "run")
+    assert result.returncode == 2
+    assert f"error: {broken} is truncated or not a checkpoint" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
+class InjectInfinity(L.Callback):
+    """Makes the loss of step `at` infinite (an infinite output-layer row) and repairs it afterwards."""
+
+    def __init__(self, at: int):
+        self.at, self.saved = at, None
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step + 1 == self.at:
+            self.saved = module.model.lm_head.weight[0].clone()
+            with torch.no_grad():
+                module.model.lm_head.weight[0] = math.inf
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if self.saved is not None:
+            with torch.no_grad():
+                module.model.lm_head.weight[0] = self.saved
+            self.saved = None
+
+
+def nonfinite_run(tmp_path, action: str) -> tuple[LanguageModelModule, L.Trainer]:
+    source = data.load({"name": "shakespeare", "tokenizer": "char", "batch_size": 4, "cache_dir": str(tmp_path)}, "char")
+    model = models.build({"arch": "gpt2", "block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 16},
+                         source.tokenizer.vocab_size)
+    module = LanguageModelModule(model, OptimConfig(warmup_steps=2), on_nonfinite_loss=action)
+    trainer = L.Trainer(max_steps=12, logger=L.pytorch.loggers.CSVLogger(tmp_path), enable_checkpointing=False,
+                        enable_progress_bar=False, limit_val_batches=0, log_every_n_steps=1,
+                        callbacks=[InjectInfinity(at=8), ResumeState(),
+                                   PeriodicCheckpoint(str(tmp_path / "last.ckpt"), every_n_steps=5)],
+                        plugins=[checkpoints.AtomicCheckpointIO()])
+    trainer.fit(module, datamodule=data.build(source, context_length=16))
+    return module, trainer
+
+
+def test_a_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    with pytest.raises(NonFiniteLossError, match="the training loss is nan at step 8; the run stopped"):
+        nonfinite_run(tmp_path, "stop")
+    good = checkpoints.load(tmp_path / "last.ckpt")
+    assert good["global_step"] == 5
+    assert all(torch.isfinite(v).all() for v in good["state_dict"].values())
+
+
+def test_a_nonfinite_loss_can_skip_the_step(tmp_path):
+    module, trainer = nonfinite_run(tmp_path, "skip")
+    assert module.skipped_steps == 1 and trainer.global_step == 12
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    rows = metrics(Path(trainer.logger.log_dir))
+    skipped = column(rows, "train/skipped_steps")
+    assert skipped[0] == (7, 1.0) and {count for _, count in skipped} == {1.0}  # from the skipped step on
+    assert all(math.isfinite(loss) for _, loss in column(rows, "train/loss"))
+
+
+def test_the_same_seed_gives_the_same_curve(run_dir, tmp_path):
+    again = train(run_dir=tmp_path / "again")
+    assert again.returncode == 0, again.stderr[-3000:]
+    for name in ("train/loss", "val/loss"):
+        assert column(metrics(tmp_path / "again"), name) == column(metrics(run_dir), name)
+
+
+DDP = ["trainer.accelerator=cpu", "trainer.log_every_n_steps=1", "trainer.max_steps=12",
+       "trainer.val_check_interval=12", "logger=csv"]
+
+
+def test_ddp_on_two_processes_matches_one_process_with_the_global_batch(tmp_path):
+    one = train(*DDP, "data.batch_size=8", run_dir=tmp_path / "one")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = train(*DDP, "data.batch_size=4", "trainer.strategy=ddp", "trainer.devices=2", run_dir=tmp_path / "two")
+    assert two.returncode == 0, two.stderr[-3000:]
+    expected, got = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(got) == list(range(12))
+    for step, loss in got.items():
+        assert loss == pytest.approx(expected[step], abs=1e-5), step
+    (val_one,), (val_two,) = column(metrics(tmp_path / "one"), "val/loss"), column(metrics(tmp_path / "two"), "val/loss")
+    assert val_two[1] == pytest.approx(val_one[1], abs=1e-5)
+
+
+def test_multirun_with_ddp_writes_one_directory_per_job(tmp_path):
+    result = train(*DDP, "data.batch_size=4", "trainer.strategy=ddp", "trainer.devices=2", "optim.lr=1e-3,2e-3",
+                   run_dir=tmp_path, multirun=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
+    assert jobs == ["0", "1"], jobs
+    for job in jobs:
+        assert sorted(losses(tmp_path / job)) == list(range(12))
+    assert losses(tmp_path / "0") != losses(tmp_path / "1")

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import hydra
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -43,7 +44,9 @@ def test_every_model_builds(model, tmp_path):
 
 @pytest.mark.parametrize("dataset", options("data"))
 def test_every_dataset_builds(dataset, tmp_path):
-    cfg = composed(f"data={dataset}", output_dir=tmp_path)
+    (tmp_path / "text.txt").write_text("To be, or not to be: that is the question.\n" * 20)
+    path = [f"data.path={tmp_path / 'text.txt'}"] if dataset == "text" else []
+    cfg = composed(f"data={dataset}", *path, output_dir=tmp_path)
     source = data.load(cfg.data, models.tokenizer_spec(cfg.model))
     assert source.tokenizer.vocab_size > 0 and all(source.splits.values())
 
@@ -55,6 +58,21 @@ def test_every_trainer_setup_builds(logger, callbacks, tmp_path):
     build_dataclass(OptimConfig, cfg.optim, "optim")
     trainer = build_trainer(cfg)
     assert trainer.max_steps == cfg.trainer.max_steps
+
+
+def test_distributed_trainers_compose(tmp_path):
+    """trainer=ddp (here on CPU processes) and trainer=fsdp, multi-node: the Trainer gets the strategy and the
+    topology (launching needs the processes: see tests/test_reliability.py for DDP on CPU)."""
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    cfg = composed("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.num_nodes=2",
+                   output_dir=tmp_path)
+    trainer = build_trainer(cfg)
+    assert isinstance(trainer.strategy, DDPStrategy) and trainer.num_nodes == 2 and trainer.num_devices == 2
+    cfg = composed("trainer=fsdp", "trainer.num_nodes=4", output_dir=tmp_path)
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.num_nodes == 4
+    strategy = hydra.utils.instantiate(cfg.trainer.strategy)
+    assert isinstance(strategy, FSDPStrategy)
 
 
 def test_experiments_compose(tmp_path):

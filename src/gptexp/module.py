@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
+from gptexp.config import ConfigError
 from gptexp.models import LanguageModel
 
 
@@ -57,7 +58,7 @@ class LanguageModelModule(L.LightningModule):
     def __init__(self, model: LanguageModel, optim: OptimConfig, on_nonfinite_loss: str = "stop"):
         super().__init__()
         if on_nonfinite_loss not in ("stop", "skip"):
-            raise ValueError(f"on_nonfinite_loss must be 'stop' or 'skip', got {on_nonfinite_loss!r}")
+            raise ConfigError(f"on_nonfinite_loss must be 'stop' or 'skip', got {on_nonfinite_loss!r}")
         self.model, self.optim, self.on_nonfinite_loss = model, optim, on_nonfinite_loss
         self.val_loss = MeanMetric()  # token-weighted mean cross-entropy over the validation split
         self.skipped_steps = 0

@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, read_write
 
@@ -73,6 +74,10 @@ def relaunch_as_this_job() -> None:
 def run(cfg: DictConfig) -> float | None:
     """Train as `cfg` (conf/train.yaml composed with overrides) says; return the best val/loss."""
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path)  # fail before any work when it is wrong
+    own = Path(cfg.output_dir) / "checkpoints" / "last.ckpt"
+    if ckpt_path is None and own.is_file():  # this directory's run, started again (e.g. a requeued SLURM job)
+        log.info("resuming from %s, this run directory's last checkpoint", own)
+        ckpt_path = resolve_ckpt_path(str(own))
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
     model_tokenizer = "char" if cfg.data.get("tokenizer") == "char" else models.tokenizer_spec(cfg.model)
@@ -131,14 +136,16 @@ def build_trainer(cfg: DictConfig, wandb_id: str | None = None) -> L.Trainer:
     steps = trainer_args.get("max_steps", -1)
     if not isinstance(steps, int) or steps <= 0:
         raise ConfigError(f"trainer.max_steps must be a positive number of optimizer steps, got {steps}")
+    if isinstance(trainer_args.get("strategy"), dict):  # a strategy object with arguments (trainer=fsdp)
+        trainer_args["strategy"] = instantiate(cfg.trainer.strategy, "trainer.strategy")
     batches = steps * trainer_args.get("accumulate_grad_batches", 1)
     if isinstance(trainer_args.get("val_check_interval"), int) and trainer_args["val_check_interval"] > batches:
         trainer_args["val_check_interval"] = batches  # a run shorter than one interval validates at its end
-    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    callbacks = [instantiate(c, f"callbacks.{name}") for name, c in (cfg.get("callbacks") or {}).items() if c]
     callbacks += [ResumeState(), GracefulStop(str(Path(cfg.output_dir) / "checkpoints" / "last.ckpt"))]
     resume = {"id": wandb_id, "resume": "allow"} if wandb_id else {}
-    loggers = [hydra.utils.instantiate(c, **(resume if "wandb" in c.get("_target_", "") else {}))
-               for c in (cfg.get("logger") or {}).values() if c]
+    loggers = [instantiate(c, f"logger.{name}", **(resume if "wandb" in c.get("_target_", "") else {}))
+               for name, c in (cfg.get("logger") or {}).items() if c]
     # Lightning adds a checkpoint callback and a progress bar of its own unless told not to: only cfg.callbacks count
     trainer_args.setdefault("enable_checkpointing", any(isinstance(c, ModelCheckpoint) for c in callbacks))
     trainer_args.setdefault("enable_progress_bar", any(isinstance(c, ProgressBar) for c in callbacks))
@@ -147,6 +154,14 @@ def build_trainer(cfg: DictConfig, wandb_id: str | None = None) -> L.Trainer:
                          default_root_dir=cfg.output_dir, plugins=[checkpoints.AtomicCheckpointIO()])
     except TypeError as error:
         raise ConfigError(f"trainer: {error}; trainer.* keys are lightning.Trainer arguments") from error
+
+
+def instantiate(cfg: DictConfig, key: str, **kwargs):
+    """hydra.utils.instantiate, with a wrong argument reported as the config key it came from."""
+    try:
+        return hydra.utils.instantiate(cfg, **kwargs)
+    except InstantiationException as error:
+        raise ConfigError(f"{key}: {error.__cause__ or error}") from error
 
 
 def resolve_ckpt_path(ckpt_path: str | None) -> str | None:

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from gptexp.config import ConfigError, build_dataclass
-from gptexp.data import shakespeare, tinystories
+from gptexp.data import shakespeare, text_file, tinystories
 from gptexp.data.datamodule import DataConfig, TokenDataModule
 from gptexp.data.tokenizers import CharTokenizer, gpt2_tokenizer, load_tokenizer
 
-# data.name in conf/data/*.yaml -> function(val_fraction, source) -> {"train": [documents], "val": [documents]}
+# data.name in conf/data/*.yaml -> function(val_fraction, source[, path]) -> {"train": [documents], "val": [documents]}
 DATASETS: dict[str, Callable[..., dict[str, list[str]]]] = {
     "shakespeare": shakespeare.load_splits,
     "tinystories": tinystories.load_splits,
+    "text": text_file.load_splits,
 }
 
 __all__ = ["DATASETS", "DataConfig", "DataSource", "TokenDataModule", "CharTokenizer", "gpt2_tokenizer", "load",
@@ -39,8 +41,12 @@ def load(cfg: Mapping[str, Any], model_tokenizer: str | None) -> DataSource:
         return DataSource(config, None, load_tokenizer(model_tokenizer))
     if config.name not in DATASETS:
         raise ConfigError(f"data.name={config.name!r} is not a known dataset; choose one of {', '.join(DATASETS)}")
+    loader = DATASETS[config.name]
+    path = {"path": config.path} if config.path is not None else {}
+    if path and "path" not in inspect.signature(loader).parameters:
+        raise ConfigError(f"data.path is for data=text; data={config.name} does not read a file")
     try:
-        splits = DATASETS[config.name](config.val_fraction, source=config.source)
+        splits = loader(config.val_fraction, source=config.source, **path)
     except ValueError as error:
         raise ConfigError(str(error)) from error
     if config.tokenizer == "char" or model_tokenizer == "char":

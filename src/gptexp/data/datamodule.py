@@ -27,6 +27,7 @@ class DataConfig:
     source: str = "auto"  # where the text comes from, for datasets with a choice: auto | bundled | hub
     cache_dir: str = "~/.cache/gptexp"
     num_workers: int = 0
+    path: str | None = None  # data=text: the text file
     shards: str | None = None  # read llm.c token shards {shards}_train_*.bin / {shards}_val_*.bin instead of the text
 
     def __post_init__(self):

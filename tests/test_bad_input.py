@@ -1,0 +1,130 @@
+"""Bad input, table-driven: each gets one clear message naming the problem and the fix; a run that fails
+leaves no run directory behind and changes nothing written before."""
+
+import hashlib
+import sys
+
+import hydra
+import pytest
+import torch
+from training import ROOT, TINY, train
+
+import gptexp.train
+from gptexp import models
+from gptexp.config import ConfigError
+from gptexp.finetune import apply as apply_finetune
+from gptexp.models.llmc import LlmcFormatError, read_model
+
+# (overrides of a tiny train.py run, what stderr must say: the problem, then the fix)
+TRAIN_CASES = {
+    "unknown group option": (["model=gpt3"], ["Could not find 'model/gpt3'", "gpt2_mini", "llama2_260k"]),
+    "unknown key": (["+model.colour=red"], ["unknown key model.colour", "valid keys of model:"]),
+    "key that is not there": (["model.colour=red"], ["Could not override 'model.colour'", "Key 'colour' is not in struct"]),
+    "wrong type": (["optim.lr=fast"], ["optim.lr must be a float, got 'fast'"]),
+    "zero size": (["data.batch_size=0"], ["batch_size must be a positive integer, got 0"]),
+    "negative size": (["model.n_layer=-1"], ["n_layer", "-1"]),
+    "zero steps": (["trainer.max_steps=0"], ["trainer.max_steps must be a positive number of optimizer steps"]),
+    "n_embd not divisible by n_head": (["model.n_head=5"], ["n_embd (32) must be divisible by n_head (5)"]),
+    "window longer than the context": (["data.seq_len=64"], ["data.seq_len=64 is longer than the model's context (32)",
+                                                             "set data.seq_len<=32"]),
+    "block larger than the data": (["model.block_size=200000"], ["needs at least 200001 tokens", "lower data.seq_len"]),
+    "missing text file": (["data=text", "data.path=/no/such.txt"], ["data.path=/no/such.txt does not exist",
+                                                                     "give the path of a UTF-8 text file"]),
+    "text file not given": (["data=text"], ["data=text reads a local file: set data.path="]),
+    "missing checkpoint": (["ckpt_path=/no/such/run"], ["ckpt_path=/no/such/run does not exist",
+                                                        "pass a .ckpt file or a run directory"]),
+    "tokenizer larger than the model": (["model.vocab_size=50"], ["the tokenizer has 65 tokens but the model only 50",
+                                                                  "set model.vocab_size=null"]),
+    "hub id without network": (["model=gpt2", "model.pretrained=gpt2-medium"], ["'gpt2-medium'", "the hub cannot be reached",
+                                                                   "huggingface-cli download gpt2-medium"]),
+    "unwritable output directory": ([], ["cannot write the output directory", "is a file, not a directory",
+                                         "choose another with hydra.run.dir="]),
+    "missing LoRA target": (["finetune=lora", "finetune.target_modules=[nope]"],
+                            ["finetune.target_modules: ['nope'] match no linear layer of the model"]),
+    "negative temperature": (["callbacks.samples.temperature=-1"], ["callbacks.samples: temperature must be >= 0"]),
+    "top_k below 1": (["callbacks.samples.top_k=0"], ["callbacks.samples: top_k must be >= 1"]),
+    "top_p above 1": (["callbacks.samples.top_p=1.5"], ["callbacks.samples: top_p must be in (0, 1]"]),
+    "unknown nonfinite action": (["on_nonfinite_loss=ignore"], ["on_nonfinite_loss must be 'stop' or 'skip'"]),
+}
+
+
+@hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="train")
+def train_app(cfg):
+    return gptexp.train.main(cfg)  # train.py's Hydra app, with the configs found from here
+
+
+def train_in_process(*overrides: str, monkeypatch, capfd) -> tuple[int, str]:
+    """`python train.py ...`, run in this process (each subprocess would spend seconds importing torch and
+    Lightning): (exit status, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["train.py", *TINY, *overrides])
+    with pytest.raises(SystemExit) as exit:
+        train_app()
+    return exit.value.code, capfd.readouterr().err
+
+
+@pytest.mark.parametrize("case", TRAIN_CASES)
+def test_train_refuses_bad_input_cleanly(case, tmp_path, monkeypatch, capfd):
+    overrides, messages = TRAIN_CASES[case]
+    run_dir = tmp_path / "run"
+    if case == "unwritable output directory":
+        (tmp_path / "a_file").write_text("")
+        run_dir = tmp_path / "a_file" / "run"
+    earlier = tmp_path / "earlier.txt"  # something written before, beside the directory the run would use
+    earlier.write_text("keep me")
+    status, stderr = train_in_process(*overrides, "logger=wandb", f"hydra.run.dir={run_dir}", monkeypatch=monkeypatch,
+                                      capfd=capfd)
+    assert status in (1, 2)
+    for message in messages:
+        assert message in stderr, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert not run_dir.exists() and earlier.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("content, message", [(b"", "is empty"), (b"caf\xe9 au lait", "is not UTF-8 text (byte 0xe9 at offset 3)")])
+def test_bad_text_files(content, message, tmp_path, monkeypatch, capfd):
+    (tmp_path / "text.txt").write_bytes(content)
+    status, stderr = train_in_process("data=text", f"data.path={tmp_path / 'text.txt'}",
+                                      f"hydra.run.dir={tmp_path / 'run'}", monkeypatch=monkeypatch, capfd=capfd)
+    assert status == 2 and message in stderr, stderr[-3000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_of_another_architecture_names_the_tensor(run_dir, tmp_path):
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    before = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    result = train(f"ckpt_path={run_dir}", "model.n_layer=2", run_dir=tmp_path / "run")
+    assert result.returncode == 2
+    assert "holds another architecture: tensor model.transformer.h.1.ln_1.weight is missing" in result.stderr
+    assert "resume with the model.* and finetune settings of the run that wrote it" in result.stderr
+    assert not (tmp_path / "run").exists()
+    assert hashlib.sha256(checkpoint.read_bytes()).hexdigest() == before  # the earlier run is untouched
+
+
+def tiny_gpt2():
+    return models.build({"arch": "gpt2", "block_size": 8, "n_layer": 1, "n_head": 2, "n_embd": 8}, 20)
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: tiny_gpt2().generate(torch.zeros(1, 9, dtype=torch.long), 1), ValueError,
+     "prompt has 9 tokens but the model's context is 8"),
+    (lambda: tiny_gpt2().generate(torch.zeros(1, 2, dtype=torch.long), 1, temperature=-0.5), ValueError,
+     "temperature must be >= 0 (0 means greedy), got -0.5"),
+    (lambda: tiny_gpt2().generate(torch.zeros(1, 2, dtype=torch.long), 1, top_k=0), ValueError,
+     "top_k must be >= 1 or None (no limit), got 0"),
+    (lambda: tiny_gpt2().generate(torch.zeros(1, 2, dtype=torch.long), 1, top_p=0.0), ValueError,
+     "top_p must be in (0, 1] or None (no limit), got 0.0"),
+    (lambda: models.build({"arch": "llama", "dim": 64, "n_layers": 1, "n_heads": 4, "n_kv_heads": 3,
+                           "max_seq_len": 16, "hidden_dim": 128}, 100), ConfigError, "n_kv_heads"),
+    (lambda: apply_finetune(tiny_gpt2(), {"method": "lora", "target_modules": ["nope"]}), ConfigError,
+     "match no linear layer of the model"),
+])
+def test_api_refuses_bad_input(call, error, message):
+    with pytest.raises(error) as caught:
+        call()
+    assert message in str(caught.value)
+
+
+def test_an_llmc_file_with_a_bad_magic(tmp_path):
+    (tmp_path / "model.bin").write_bytes((12345).to_bytes(4, "little") + bytes(1020))
+    with pytest.raises(LlmcFormatError, match="bad magic 12345, expected 20240326 for an llm.c model file"):
+        read_model(tmp_path / "model.bin")

@@ -7,8 +7,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 SHORT = ["model=llama2_260k", "data.seq_len=64", "data.batch_size=16", "data.eval_batch_size=256",
          "trainer.max_steps=30", "trainer.val_check_interval=15", "optim.warmup_steps=5", "logger=csv",

@@ -77,7 +77,7 @@ def test_prepare_writes_llmc_shards_and_training_reads_them(tmp_path):
 
     run = tmp_path / "run"
     result = train("model=gpt2", f"data.shards={tmp_path}/shakespeare", "trainer.max_steps=10",
-                   "trainer.val_check_interval=10", "logger=csv", run_dir=run)
+                   "trainer.val_check_interval=10", "trainer.limit_val_batches=2", "logger=csv", run_dir=run)
     assert result.returncode == 0, result.stderr[-3000:]
     assert any(row.get("val/loss") for row in metrics(run))
 

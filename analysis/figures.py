@@ -49,14 +49,21 @@ def perplexity(runs: list[Run]) -> ggplot | None:
     return style(figure, runs)
 
 
-def throughput(runs: list[Run]) -> ggplot | None:
-    data = tidy(runs, "perf/")
+def faceted(runs: list[Run], prefix: str, title: str, *layers) -> ggplot | None:
+    """Every metric under `prefix` against steps, one panel each, one colour per run."""
+    data = tidy(runs, prefix)
     if data.empty:
         return None
-    data["metric"] = data["metric"].str.removeprefix("perf/")
-    figure = (ggplot(data, aes("steps", "value", color="run")) + geom_line() + facet_wrap("metric", scales="free_y")
-              + labs(x="optimizer steps", y="", title="throughput and model FLOPs utilisation"))
+    data["metric"] = data["metric"].str.removeprefix(prefix)
+    figure = ggplot(data, aes("steps", "value", color="run")) + geom_line()
+    for layer in layers:
+        figure = figure + layer
+    figure = figure + facet_wrap("metric", scales="free_y") + labs(x="optimizer steps", y="", title=title)
     return style(figure, runs)
+
+
+def throughput(runs: list[Run]) -> ggplot | None:
+    return faceted(runs, "perf/", "throughput and model FLOPs utilisation")
 
 
 def phases(runs: list[Run]) -> ggplot | None:
@@ -79,14 +86,7 @@ def phases(runs: list[Run]) -> ggplot | None:
 
 
 def memory(runs: list[Run]) -> ggplot | None:
-    data = tidy(runs, "mem/")
-    if data.empty:
-        return None
-    data["metric"] = data["metric"].str.removeprefix("mem/")
-    figure = (ggplot(data, aes("steps", "value", color="run")) + geom_line() + geom_point(size=1)
-              + facet_wrap("metric", scales="free_y")
-              + labs(x="optimizer steps", y="", title="memory (MB) and tensor allocations per step"))
-    return style(figure, runs)
+    return faceted(runs, "mem/", "memory (MB) and tensor allocations per step", geom_point(size=1))
 
 
 def swept_keys(runs: list[Run]) -> list[str]:

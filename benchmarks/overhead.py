@@ -25,7 +25,7 @@ from hydra import compose, initialize_config_dir
 from gptexp import data, models
 from gptexp.config import build_dataclass
 from gptexp.data.windows import RandomBatches, TokenWindows
-from gptexp.module import LanguageModelModule, OptimConfig, lr_at
+from gptexp.module import LanguageModelModule, OptimConfig, adamw, lr_at
 from gptexp.train import build_trainer
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -65,9 +65,7 @@ def plain_loop_seconds(cfg) -> float:
     batches = RandomBatches(len(datamodule.tokens["train"]), datamodule.seq_len, datamodule.config.batch_size,
                             num_batches=steps, seed=(cfg.seed, 0))
     params = list(model.parameters())
-    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": optim.weight_decay},
-                                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                                  lr=optim.lr, betas=optim.betas, eps=optim.eps)
+    optimizer = adamw(params, optim)
     start = time.perf_counter()
     for step, offsets in enumerate(batches):
         for group in optimizer.param_groups:

@@ -13,6 +13,9 @@ from gptexp.config import ConfigError
 from gptexp.models import LanguageModel
 
 
+FUSED_ADAMW_DEVICES = ("cpu", "cuda", "mps", "xpu")
+
+
 @dataclass
 class OptimConfig:
     lr: float = 1e-3  # peak learning rate, reached after warmup_steps
@@ -22,15 +25,26 @@ class OptimConfig:
     eps: float = 1e-8
     warmup_steps: int = 100
     decay_steps: int | None = None  # end of the cosine, in optimizer steps; null: trainer.max_steps
-    fused: bool | None = None  # torch's fused AdamW kernel; null: torch's default
+    fused: bool | None = None  # torch's fused AdamW kernel; null: used where torch has it (CPU, CUDA, ...)
 
     def __post_init__(self):
         if not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"need 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+            raise ValueError(f"need 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}; set both, "
+                             f"e.g. optim.lr={self.lr:g} optim.min_lr={self.lr / 10:g}")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.eps <= 0:
             raise ValueError("warmup_steps, weight_decay must be >= 0 and eps > 0")
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be in [0, 1), got {self.betas}")
+
+
+def adamw(params: list[torch.Tensor], optim: OptimConfig) -> torch.optim.AdamW:
+    """AdamW as `optim` says, weight decay on matrices and embeddings only."""
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": optim.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    fused = optim.fused
+    if fused is None:  # the fused kernel: one pass per step, 3-4x faster than the per-tensor loop on a CPU
+        fused = all(p.is_floating_point() and p.device.type in FUSED_ADAMW_DEVICES for p in params)
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, fused=fused)
 
 
 def lr_at(step: int, optim: OptimConfig, decay_steps: int) -> float:
@@ -121,11 +135,7 @@ class LanguageModelModule(L.LightningModule):
         self.log("steps", float(self.trainer.global_step))  # optimizer steps done: 0 before training
 
     def configure_optimizers(self):
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.optim.weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW(groups, lr=self.optim.lr, betas=self.optim.betas, eps=self.optim.eps,
-                                      fused=self.optim.fused)
+        optimizer = adamw([p for p in self.model.parameters() if p.requires_grad], self.optim)
         decay_steps = self.optim.decay_steps or self.trainer.max_steps
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_at(step, self.optim, decay_steps) / self.optim.lr)

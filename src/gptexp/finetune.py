@@ -8,6 +8,7 @@ gptexp's parameter names are HF's, they load into transformers models with `peft
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +92,8 @@ def quantize_4bit(model: LanguageModel) -> None:
 def save(model: nn.Module, directory: str | Path, merged: bool = False) -> None:
     """Write a LoRA model's adapter (peft format) to `directory/adapter`, and with `merged` the base
     with the adapter folded in to `directory/merged` (HF format). A full finetune has nothing to add."""
+    if "peft" not in sys.modules:  # no adapter was made in this process (importing peft costs a second or two)
+        return
     from peft import PeftModel
 
     if not isinstance(model, PeftModel):

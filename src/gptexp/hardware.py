@@ -23,8 +23,9 @@ GPU_PEAKS = {
 }
 
 
-def peak_flops(device: torch.device | str, dtype: torch.dtype = torch.float32) -> tuple[float, str]:
-    """(peak FLOP/s, where the number comes from) for matrix products in `dtype` on `device`."""
+def peak_flops(device: torch.device | str, dtype: torch.dtype = torch.float32, repeats: int = 10) -> tuple[float, str]:
+    """(peak FLOP/s, where the number comes from) for matrix products in `dtype` on `device`; a CPU's is the
+    fastest of `repeats` timed products."""
     device = torch.device(device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -32,7 +33,7 @@ def peak_flops(device: torch.device | str, dtype: torch.dtype = torch.float32) -
             if key in name:
                 return (half if dtype in (torch.bfloat16, torch.float16) else tf32), f"datasheet: {name}"
         return float("nan"), f"unknown GPU {name}: add it to gptexp.hardware.GPU_PEAKS"
-    return measured_cpu_matmul_flops(dtype), "measured: fastest of 10 2048^3 torch.mm"
+    return measured_cpu_matmul_flops(dtype, repeats=repeats), f"measured: fastest of {repeats} 2048^3 torch.mm"
 
 
 @lru_cache(maxsize=None)

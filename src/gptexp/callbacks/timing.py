@@ -1,6 +1,7 @@
 """Where each training step's time goes: data wait, forward, backward, optimizer step; plus
 validation, sampling and checkpoint writes. Logged as time/<phase>_ms (means over each logging
-interval) and summarised in a table at the end of fit."""
+interval) and summarised in a table at the end of fit; time/startup_s is the wall time from the command
+(the process's start) to the first training step."""
 
 from __future__ import annotations
 
@@ -9,11 +10,16 @@ import time
 from collections import defaultdict
 
 import lightning as L
+import psutil
 import torch
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 STEP_PHASES = ("data", "forward", "backward", "optimizer")  # in the order they happen
+
+
+def seconds_since_process_start() -> float:
+    return time.time() - psutil.Process().create_time()
 
 
 def sampling_ms(trainer: L.Trainer) -> float:
@@ -79,6 +85,7 @@ class PhaseTimer(L.Callback):
         self.totals: dict[str, list[float]] = defaultdict(list)
         self.last_end = None
         self.other_ms_at_end = 0.0  # sampling + checkpoint time recorded when the last step ended
+        self.startup_s = None  # process start to the first training step of this process
 
     def other_ms(self, trainer: L.Trainer) -> float:
         return sampling_ms(trainer) + sum(self.totals.get("checkpoint", ()))
@@ -94,6 +101,9 @@ class PhaseTimer(L.Callback):
             strategy.checkpoint_io = TimedCheckpointIO(strategy.checkpoint_io, self.record)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.startup_s is None:
+            self.startup_s = seconds_since_process_start()
+            pl_module.log("time/startup_s", self.startup_s, on_step=True, on_epoch=False)
         self.marks = {"start": self.clock.mark()}
         self.marks["other_ms"] = self.other_ms(trainer) - self.other_ms_at_end  # sampled or saved since the last step
 
@@ -152,7 +162,8 @@ class PhaseTimer(L.Callback):
     def summary(self) -> str:
         """A table: each phase's count, median and mean in ms, and the share of the step (or of the run)."""
         step = statistics.fmean(self.totals["step"]) if self.totals.get("step") else float("nan")
-        lines = ["time per phase", f"{'phase':<12}{'count':>7}{'median ms':>12}{'mean ms':>10}{'share':>8}"]
+        lines = [f"first training step {self.startup_s:.1f} s after the command started"] if self.startup_s else []
+        lines += ["time per phase", f"{'phase':<12}{'count':>7}{'median ms':>12}{'mean ms':>10}{'share':>8}"]
         for phase in (*STEP_PHASES, "step", "validation", "sample", "checkpoint"):
             values = self.totals.get(phase)
             if values:

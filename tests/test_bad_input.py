@@ -21,6 +21,7 @@ TRAIN_CASES = {
     "unknown key": (["+model.colour=red"], ["unknown key model.colour", "valid keys of model:"]),
     "key that is not there": (["model.colour=red"], ["Could not override 'model.colour'", "Key 'colour' is not in struct"]),
     "wrong type": (["optim.lr=fast"], ["optim.lr must be a float, got 'fast'"]),
+    "learning rate under the recipe's floor": (["optim.lr=1e-4"], ["need 0 <= min_lr <= lr", "optim.min_lr=1e-05"]),
     "zero size": (["data.batch_size=0"], ["batch_size must be a positive integer, got 0"]),
     "negative size": (["model.n_layer=-1"], ["n_layer", "-1"]),
     "zero steps": (["trainer.max_steps=0"], ["trainer.max_steps must be a positive number of optimizer steps"]),

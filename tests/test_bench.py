@@ -21,5 +21,8 @@ def test_smoke_benchmark_writes_one_row_per_implementation_and_case(tmp_path):
         ("gptexp", "True"), ("gptexp", "False"), ("hf", "True"), ("hf", "False")}
     assert all(float(r["tokens_per_s"]) > 0 for r in rows)
     assert all(0 < float(r["mfu"]) < 1 for r in rows if r["kind"] == "train")
+    # a cached decoding step reads every weight at least once: it cannot beat the memory-bandwidth bound
+    assert all(0 < float(r["tokens_per_s"]) < float(r["bandwidth_bound_tokens_per_s"])
+               for r in rows if r["kind"] == "generate" and r["kv_cache"] == "True")
     assert "ratio" in result.stdout
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from gptexp import finetune
-from gptexp.hardware import peak_flops
+from gptexp.hardware import measured_cpu_memory_bandwidth, peak_flops
 from gptexp.memory import PeakMemory, resident_bytes
 from gptexp.models import GPT2, GPT2Config, Llama, LlamaConfig
 
@@ -227,6 +227,9 @@ def bench_generation(name: str, case: DictConfig, cfg: DictConfig, device: torch
     rows = []
     context = case.prompt + case.new_tokens
     models = {impl: build_model(impl, dims, context, device).to(dtype).eval() for impl in cfg.impls}
+    # every weight is read once per decoding step: on a CPU, the fastest a step can be is bytes / bandwidth
+    weight_bytes = sum(p.numel() * p.element_size() for p in next(iter(models.values())).parameters())
+    bandwidth = measured_cpu_memory_bandwidth() if device.type == "cpu" else float("nan")
     for batch, use_cache in itertools.product(case.batch, case.kv_cache):
         prompt = torch.randint(0, dims["vocab_size"], (batch, case.prompt), device=device)
 
@@ -254,7 +257,8 @@ def bench_generation(name: str, case: DictConfig, cfg: DictConfig, device: torch
             seconds = statistics.median(times[impl])
             rows.append(dict(kind="generate", case=name, impl=impl, batch=batch, seq_len=context, **dims,
                              kv_cache=use_cache, prompt=case.prompt, new_tokens=case.new_tokens,
-                             tokens_per_s=batch * case.new_tokens / seconds, ms_per_token=1e3 * seconds / case.new_tokens))
+                             tokens_per_s=batch * case.new_tokens / seconds, ms_per_token=1e3 * seconds / case.new_tokens,
+                             bandwidth_bound_tokens_per_s=batch * bandwidth / weight_bytes))
         log.info("%s", ratios_text(rows[-len(models):]))
     return rows
 

@@ -1,4 +1,5 @@
-"""Peak FLOP/s of the device a run uses: datasheet values for common GPUs, measured once for a CPU."""
+"""Peak FLOP/s of the device a run uses: datasheet values for common GPUs, measured once for a CPU; and a
+CPU's memory bandwidth, the limit of decoding one token at a time."""
 
 from __future__ import annotations
 
@@ -49,3 +50,18 @@ def measured_cpu_matmul_flops(dtype: torch.dtype = torch.float32, n: int = 2048,
         torch.mm(a, b)
         fastest = min(fastest, time.perf_counter() - start)
     return 2 * n**3 / fastest
+
+
+@lru_cache(maxsize=None)
+def measured_cpu_memory_bandwidth(mib: int = 512, repeats: int = 5) -> float:
+    """Bytes per second the CPU streams from memory: the fastest of `repeats` sums over a `mib` MiB float32
+    tensor, far larger than any cache. Decoding reads every weight once per token, so weight bytes divided by
+    this is the least time a token can take."""
+    x = torch.ones(mib * 2**20 // 4)
+    x.sum()
+    fastest = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x.sum()
+        fastest = min(fastest, time.perf_counter() - start)
+    return x.numel() * x.element_size() / fastest

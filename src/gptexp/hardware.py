@@ -37,19 +37,24 @@ def peak_flops(device: torch.device | str, dtype: torch.dtype = torch.float32, r
     return measured_cpu_matmul_flops(dtype, repeats=repeats), f"measured: fastest of {repeats} 2048^3 torch.mm"
 
 
-@lru_cache(maxsize=None)
-def measured_cpu_matmul_flops(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 10) -> float:
-    """The CPU's matrix-product rate with torch's threads: the fastest of `repeats` n^3 products after a
-    warm-up (other load on the machine only ever slows a product down, so the fastest is the peak)."""
-    generator = torch.Generator().manual_seed(0)  # its own: a measurement must not move training's RNG
-    a, b = (torch.randn(n, n, dtype=dtype, generator=generator) for _ in range(2))
-    torch.mm(a, b)
+def fastest_seconds(work, repeats: int) -> float:
+    """The fastest of `repeats` timed calls of `work` after an untimed one (other load on the machine only
+    ever slows a call down, so the fastest is the machine's own rate)."""
+    work()
     fastest = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        torch.mm(a, b)
+        work()
         fastest = min(fastest, time.perf_counter() - start)
-    return 2 * n**3 / fastest
+    return fastest
+
+
+@lru_cache(maxsize=None)
+def measured_cpu_matmul_flops(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 10) -> float:
+    """The CPU's matrix-product rate with torch's threads: the fastest of `repeats` n^3 products."""
+    generator = torch.Generator().manual_seed(0)  # its own: a measurement must not move training's RNG
+    a, b = (torch.randn(n, n, dtype=dtype, generator=generator) for _ in range(2))
+    return 2 * n**3 / fastest_seconds(lambda: torch.mm(a, b), repeats)
 
 
 @lru_cache(maxsize=None)
@@ -58,10 +63,4 @@ def measured_cpu_memory_bandwidth(mib: int = 512, repeats: int = 5) -> float:
     tensor, far larger than any cache. Decoding reads every weight once per token, so weight bytes divided by
     this is the least time a token can take."""
     x = torch.ones(mib * 2**20 // 4)
-    x.sum()
-    fastest = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        x.sum()
-        fastest = min(fastest, time.perf_counter() - start)
-    return x.numel() * x.element_size() / fastest
+    return x.numel() * x.element_size() / fastest_seconds(x.sum, repeats)

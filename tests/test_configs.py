@@ -85,7 +85,8 @@ def test_a_model_brings_its_recipe_and_everything_else_overrides_it(tmp_path):
     """conf/recipe/<model>.yaml follows the model choice; a finetuning method, an experiment, the command
     line and `~recipe` all win over it; a model without a recipe keeps the shared defaults."""
     default = composed(output_dir=tmp_path)
-    assert (default.model.n_layer, default.optim.lr, default.trainer.max_steps) == (4, 4e-3, 1200)
+    assert (default.model.n_layer, default.data.batch_size, default.optim.lr, default.trainer.max_steps) == (
+        1, 32, 4e-3, 800)
     assert default.trainer.val_check_interval == default.trainer.max_steps  # one validation, at the end
     shared = composed("~recipe", output_dir=tmp_path)
     assert (shared.optim.lr, shared.trainer.max_steps) == (1e-3, 2000)
@@ -95,5 +96,6 @@ def test_a_model_brings_its_recipe_and_everything_else_overrides_it(tmp_path):
     assert (lora.optim.lr, lora.trainer.max_steps) == (1e-3, 200)
     pinned = composed("experiment=minigpt_shakespeare", output_dir=tmp_path)
     assert (pinned.optim.lr, pinned.trainer.max_steps, pinned.trainer.val_check_interval) == (1e-3, 2000, 500)
+    assert (pinned.model.n_layer, pinned.data.batch_size) == (4, 12)  # nanoGPT's shape and batch
     told = composed("optim.lr=5e-4", "trainer.max_steps=10", output_dir=tmp_path)
     assert (told.optim.lr, told.trainer.max_steps, told.trainer.val_check_interval) == (5e-4, 10, 10)

@@ -228,7 +228,7 @@ def bench_generation(name: str, case: DictConfig, cfg: DictConfig, device: torch
     context = case.prompt + case.new_tokens
     models = {impl: build_model(impl, dims, context, device).to(dtype).eval() for impl in cfg.impls}
     # every weight is read once per decoding step: on a CPU, the fastest a step can be is bytes / bandwidth
-    weight_bytes = sum(p.numel() * p.element_size() for p in next(iter(models.values())).parameters())
+    weight_bytes = sum(p.nbytes for p in next(iter(models.values())).parameters())
     bandwidth = measured_cpu_memory_bandwidth() if device.type == "cpu" else float("nan")
     for batch, use_cache in itertools.product(case.batch, case.kv_cache):
         prompt = torch.randint(0, dims["vocab_size"], (batch, case.prompt), device=device)

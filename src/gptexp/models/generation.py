@@ -60,6 +60,7 @@ def cpu_packed_linears(model: nn.Module, batch: int, min_bytes: int = PACK_MIN_B
     linears = [m for m in model.modules() if type(m) is nn.Linear and "forward" not in vars(m)]
     weight_bytes = sum(m.weight.nbytes for m in linears)
     usable = (linears and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+              and hasattr(torch.ops.mkldnn, "_linear_pointwise")  # private ops: a torch without them decodes plainly
               and getattr(model, "_compiled_call_impl", None) is None  # model.compile() traced the plain forward
               and all(m.weight.device.type == "cpu" and m.weight.dtype == torch.float32 for m in linears)
               and min_bytes <= weight_bytes < psutil.virtual_memory().available / 2)

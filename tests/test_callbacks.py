@@ -25,11 +25,13 @@ def test_phase_times_add_up_to_the_step(run_dir):
 
 def test_throughput_agrees_with_the_step_time_and_mfu_is_a_fraction(run_dir):
     rows = [r for r in metrics(run_dir) if r.get("perf/tokens_per_sec")]
-    assert rows
+    assert len(rows) >= 3
     tokens_per_step = 16 * 32  # TINY: batch 16, windows of 32
+    # the two callbacks' intervals are one step apart (start to start, end to end), and one step stalled by
+    # other work on the machine moves a 10-step mean a lot: compare the median interval
+    ratios = [float(r["perf/tokens_per_sec"]) * float(r["time/step_ms"]) / (1e3 * tokens_per_step) for r in rows]
+    assert statistics.median(ratios) == pytest.approx(1, rel=0.25)
     for row in rows:
-        from_timing = 1e3 * tokens_per_step / float(row["time/step_ms"])
-        assert float(row["perf/tokens_per_sec"]) == pytest.approx(from_timing, rel=0.35)
         assert float(row["perf/samples_per_sec"]) * 32 == pytest.approx(float(row["perf/tokens_per_sec"]), rel=1e-6)
         assert 0 < float(row["perf/mfu"]) < 1
 

@@ -77,7 +77,8 @@ def test_prepare_writes_llmc_shards_and_training_reads_them(tmp_path):
 
     run = tmp_path / "run"
     result = train("model=gpt2", f"data.shards={tmp_path}/shakespeare", "trainer.max_steps=10",
-                   "trainer.val_check_interval=10", "trainer.limit_val_batches=2", "logger=csv", run_dir=run)
+                   "trainer.val_check_interval=10", "trainer.limit_val_batches=2", "data.eval_batch_size=16",
+                   "logger=csv", run_dir=run)  # TINY's 512 rows x 50,257 logits would be 3.3 GB a batch
     assert result.returncode == 0, result.stderr[-3000:]
     assert any(row.get("val/loss") for row in metrics(run))
 

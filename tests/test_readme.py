@@ -16,7 +16,7 @@ def setup_commands() -> list[str]:
 def test_readme_starts_with_the_two_setup_commands_and_ci_runs_the_test_one():
     train, test = setup_commands()
     assert train.endswith(".venv/bin/python train.py") and "constraints/cpu.txt" in train
-    assert test.endswith(".venv/bin/python -m pytest") and ".[dev]" in test
+    assert test.endswith(".venv/bin/python -m pytest -n auto") and ".[dev]" in test
     assert test in (ROOT / ".ci" / "run").read_text().splitlines()
 
 

@@ -1,12 +1,15 @@
-"""The measuring callbacks on a real run (train.py, default callbacks), and the allocation counter."""
+"""The measuring callbacks on a real run (train.py, default callbacks), the allocation counter and the kept CPU peak."""
 
+import json
 import statistics
 
 import pytest
 import torch
 from training import column, metrics
 
+from gptexp import hardware
 from gptexp.callbacks.memory import AllocationCounter
+from gptexp.hardware import kept_peak_flops
 
 PHASES = ("data", "forward", "backward", "optimizer")
 
@@ -63,3 +66,26 @@ def test_allocation_counter_counts_new_storage_only():
         a.add_(1)  # in place: none
         torch.matmul(b.view(1, 10), torch.ones(10, 3))  # the ones (120 bytes) and the product (12 bytes)
     assert (counter.count, counter.bytes) == (3, 40 + 120 + 12)
+
+
+def test_a_cpu_peak_is_measured_once_per_machine_and_the_fastest_kept(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("GPTEXP_CACHE", str(tmp_path))
+    flops, source = kept_peak_flops("cpu")
+    assert source.startswith("measured") and 1e9 < flops < 1e14
+    key = hardware.cpu_key(torch.float32)
+    assert json.loads(hardware.kept_peaks_path().read_text()) == {key: flops}
+    assert kept_peak_flops("cpu") == (flops, f"the fastest 2048^3 torch.mm measured on this CPU, kept in {tmp_path}"
+                                             "/cpu_peak_flops.json")
+    hardware.keep_cpu_peak(torch.float32, flops / 2)  # a slower measurement leaves the peak alone
+    assert kept_peak_flops("cpu")[0] == flops
+    hardware.keep_cpu_peak(torch.float32, 2 * flops)
+    assert kept_peak_flops("cpu")[0] == 2 * flops
+    for damaged in ("{damaged", "[1, 2]"):  # measured again and rewritten
+        hardware.kept_peaks_path().write_text(damaged)
+        assert kept_peak_flops("cpu")[1].startswith("measured")
+        assert key in json.loads(hardware.kept_peaks_path().read_text())
+
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("GPTEXP_CACHE", str(tmp_path / "a-file" / "cache"))  # cannot be written: measured, not raised
+    assert kept_peak_flops("cpu")[1].startswith("measured")
+    assert "could not keep the measured CPU peak" in caplog.text

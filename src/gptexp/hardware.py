@@ -1,12 +1,19 @@
-"""Peak FLOP/s of the device a run uses: datasheet values for common GPUs, measured once for a CPU; and a
-CPU's memory bandwidth, the limit of decoding one token at a time."""
+"""Peak FLOP/s of the device a run uses: datasheet values for common GPUs, measured for a CPU (and the fastest
+measurement kept per machine); and a CPU's memory bandwidth, the limit of decoding one token at a time."""
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import platform
 import time
 from functools import lru_cache
+from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 # dense (no sparsity) tensor-core peaks in FLOP/s: (bf16/fp16, tf32), from NVIDIA's datasheets
 GPU_PEAKS = {
@@ -34,7 +41,58 @@ def peak_flops(device: torch.device | str, dtype: torch.dtype = torch.float32, r
             if key in name:
                 return (half if dtype in (torch.bfloat16, torch.float16) else tf32), f"datasheet: {name}"
         return float("nan"), f"unknown GPU {name}: add it to gptexp.hardware.GPU_PEAKS"
-    return measured_cpu_matmul_flops(dtype, repeats=repeats), f"measured: fastest of {repeats} 2048^3 torch.mm"
+    flops = measured_cpu_matmul_flops(dtype, repeats=repeats)
+    keep_cpu_peak(dtype, flops)
+    return flops, f"measured: fastest of {repeats} 2048^3 torch.mm"
+
+
+def kept_peak_flops(device: torch.device | str, dtype: torch.dtype = torch.float32) -> tuple[float, str]:
+    """peak_flops, except that a CPU's is the fastest rate measured on this machine so far (CPU model, threads,
+    torch and dtype alike), kept in gptexp's cache: runs share one MFU denominator and skip the measurement
+    (0.6 s on a 2-core CPU). Where none is kept yet, it is measured now and kept."""
+    if torch.device(device).type == "cpu" and (kept := read_kept_peaks().get(cpu_key(dtype))) is not None:
+        return kept, f"the fastest 2048^3 torch.mm measured on this CPU, kept in {kept_peaks_path()}"
+    return peak_flops(device, dtype, repeats=4)
+
+
+def kept_peaks_path() -> Path:
+    return Path(os.environ.get("GPTEXP_CACHE", "~/.cache/gptexp")).expanduser() / "cpu_peak_flops.json"
+
+
+def cpu_key(dtype: torch.dtype) -> str:
+    return f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, {dtype}"
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor() or platform.machine()
+
+
+def read_kept_peaks() -> dict[str, float]:
+    try:
+        peaks = json.loads(kept_peaks_path().read_text())
+    except (OSError, ValueError):
+        peaks = None
+    return peaks if isinstance(peaks, dict) else {}  # none kept yet, or a file that is not ours: measure again
+
+
+def keep_cpu_peak(dtype: torch.dtype, flops: float) -> None:
+    """Keep `flops` as this CPU's peak if it is faster than the one kept (written atomically; a cache that
+    cannot be written only means the next run measures again)."""
+    peaks, key, path = read_kept_peaks(), cpu_key(dtype), kept_peaks_path()
+    if flops <= peaks.get(key, 0.0):
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        partial.write_text(json.dumps(peaks | {key: flops}, indent=1))
+        os.replace(partial, path)
+    except OSError as error:
+        log.warning("could not keep the measured CPU peak in %s: %s", path, error)
 
 
 def fastest_seconds(work, repeats: int) -> float:

@@ -1,7 +1,8 @@
 """Training speed: tokens/s, samples/s and model FLOPs utilisation, over each logging interval.
 
 Lightning's ThroughputMonitor does not fit here: it knows no peak for a CPU and names its metrics
-its own way; gptexp measures the CPU's peak once (gptexp.hardware) and logs perf/*.
+its own way; gptexp measures the CPU's peak and keeps the fastest per machine (gptexp.hardware), and
+logs perf/*.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from gptexp.callbacks.timing import Clock, sampling_ms
-from gptexp.hardware import peak_flops
+from gptexp.hardware import kept_peak_flops
 
 HALF_PRECISIONS = ("bf16-mixed", "bf16-true", "16-mixed", "16-true", "bf16", "16")
 
@@ -37,7 +38,7 @@ class Throughput(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.clock = Clock(pl_module.device)
         dtype = torch.bfloat16 if str(trainer.precision) in HALF_PRECISIONS else torch.float32
-        self.peak, source = peak_flops(pl_module.device, dtype, repeats=4)  # ~0.5 s on a 2-core CPU, before step 1
+        self.peak, source = kept_peak_flops(pl_module.device, dtype)  # a CPU's is measured once per machine
         rank_zero_info(f"MFU against {self.peak / 1e12:.3g} TFLOP/s ({source})")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from gptexp.models import GPT2, GPT2Config
-from gptexp.models.generation import cpu_packed_linears, sample_next
+from gptexp.models.generation import onednn_linears, sample_next
 
 
 def test_greedy_is_argmax():
@@ -58,28 +58,29 @@ def test_model_config_errors_name_the_fix():
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
-def test_packed_linears_give_the_same_logits_and_are_removed_afterwards():
+@pytest.mark.parametrize("rows", [1, 2])  # one row: the weights in place; more: copies in oneDNN's layout
+def test_onednn_linears_give_the_same_logits_and_are_removed_afterwards(rows):
     model = GPT2(GPT2Config(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32)).eval()
-    x = torch.randint(0, 50, (2, 16))
+    x = torch.randint(0, 50, (rows, 16))
     with torch.inference_mode():
         plain = model(x)[0]
-        with cpu_packed_linears(model, batch=2, min_bytes=0) as packed:
-            assert packed
+        with onednn_linears(model, batch=rows, min_bytes=0) as used:
+            assert used
             assert torch.allclose(model(x)[0], plain, rtol=1e-5, atol=1e-5)
-        with pytest.raises(RuntimeError, match="inside"), cpu_packed_linears(model, batch=2, min_bytes=0):
+        with pytest.raises(RuntimeError, match="inside"), onednn_linears(model, batch=rows, min_bytes=0):
             raise RuntimeError("inside")
     assert not any("forward" in vars(m) for m in model.modules())  # the plain forward is back, even after an error
-    with torch.inference_mode(), cpu_packed_linears(model, batch=2) as packed:
-        assert not packed  # a few KiB of weights stay in the caches: the plain product is faster
+    with torch.inference_mode(), onednn_linears(model, batch=rows) as used:
+        assert not used  # a few KiB of weights stay in the caches: the plain product is faster
 
 
 @pytest.mark.filterwarnings("ignore:TF32 acceleration")  # torch.backends.mkldnn.flags warns on CPU builds
 @pytest.mark.parametrize("change", ["bf16", "compiled", "onednn_off"])
-def test_packed_linears_leave_other_models_alone(change):
+def test_onednn_linears_leave_other_models_alone(change):
     model = GPT2(GPT2Config(block_size=16, vocab_size=50, n_layer=1, n_head=2, n_embd=16)).eval()
     if change == "bf16":
         model.to(torch.bfloat16)
     if change == "compiled":
         model.compile()
-    with torch.backends.mkldnn.flags(enabled=change != "onednn_off"), cpu_packed_linears(model, 1, min_bytes=0) as packed:
+    with torch.backends.mkldnn.flags(enabled=change != "onednn_off"), onednn_linears(model, 1, min_bytes=0) as packed:
         assert not packed

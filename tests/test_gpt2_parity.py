@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from gptexp.models import GPT2, GPT2Config
-from gptexp.models.generation import cpu_packed_linears
+from gptexp.models.generation import onednn_linears
 from gptexp.models.gpt2 import CONV1D_WEIGHTS, state_dict_from_hf
 
 VOCAB, BLOCK = 101, 32
@@ -117,16 +117,18 @@ def test_greedy_generation_matches_no_cache_and_hf(pair):
     assert torch.equal(cached, ref)
 
 
-def test_greedy_generation_from_onednn_packed_weights_matches_hf():
-    """A model big enough (39 MiB of linear weights) that CPU decoding runs from oneDNN-packed weights."""
+@pytest.mark.parametrize("rows", [1, 2])
+def test_greedy_generation_through_onednn_matches_hf(rows):
+    """A model big enough (39 MiB of linear weights) that CPU decoding runs through oneDNN: from the
+    weights in place for one row, from packed copies for two."""
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=50257, n_positions=64, n_embd=192, n_layer=2, n_head=4,
                                      bos_token_id=None, eos_token_id=None)
     hf = transformers.GPT2LMHeadModel(config).eval()
     ours = gptexp_copy(hf)
-    with cpu_packed_linears(ours, batch=2) as packed:
-        assert packed or not torch.backends.mkldnn.is_available()
-    prompt = torch.randint(0, 50257, (2, 8), generator=torch.Generator().manual_seed(5))
+    with onednn_linears(ours, batch=rows) as used:
+        assert used or not torch.backends.mkldnn.is_available()
+    prompt = torch.randint(0, 50257, (rows, 8), generator=torch.Generator().manual_seed(5))
     ref = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=16, do_sample=False,
                       pad_token_id=0)
     assert torch.equal(ours.generate(prompt, max_new_tokens=16, temperature=0), ref)

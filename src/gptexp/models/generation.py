@@ -15,11 +15,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # Decoding a few rows reads every weight once per token, so on a CPU it is bound by memory bandwidth.
-# oneDNN's product with a weight reordered into its blocked layout streams up to 1.8x faster than MKL's
-# with nn.Linear's (out, in) layout, 2.8x at 8 rows (docs/benchmarks.md, "Decoding from oneDNN-packed
-# weights"), so `generate` runs each linear from such a copy, made once per call. Below PACK_MIN_BYTES
-# the weights stay in the CPU's caches, where the plain product wins (oneDNN adds ~25 µs a call).
-PACK_MIN_BYTES = 32 * 2**20
+# oneDNN's inner product streams nn.Linear's (out, in) weight 1.5x faster than MKL's product for one row,
+# and from a copy reordered into its blocked layout 2.2x faster for 8 rows (docs/benchmarks.md, "Decoding
+# through oneDNN"), so `generate` runs each linear through oneDNN: from the weight itself for one row,
+# from a copy made once per call for more. Below ONEDNN_MIN_BYTES the weights stay in the CPU's caches,
+# where the plain product wins (oneDNN adds ~40 µs a call).
+ONEDNN_MIN_BYTES = 32 * 2**20
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -53,23 +54,28 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 
 
 @contextlib.contextmanager
-def cpu_packed_linears(model: nn.Module, batch: int, min_bytes: int = PACK_MIN_BYTES) -> Iterator[bool]:
-    """Within the block, every nn.Linear of an eager fp32 CPU model runs from a copy of its weight in
-    oneDNN's layout; yields whether it did. Weights are left alone where oneDNN is missing or disabled,
-    where they total less than min_bytes, and where the copies would not fit in the free memory."""
+def onednn_linears(model: nn.Module, batch: int, min_bytes: int = ONEDNN_MIN_BYTES) -> Iterator[bool]:
+    """Within the block, every nn.Linear of an eager fp32 CPU model runs through oneDNN, for `batch` rows a
+    call: from its own weight for one row, from a copy in oneDNN's blocked layout for more; yields whether
+    it did. Linears are left alone where oneDNN is missing or disabled, where their weights total less than
+    min_bytes, and where the copies would not fit in the free memory."""
     linears = [m for m in model.modules() if type(m) is nn.Linear and "forward" not in vars(m)]
     weight_bytes = sum(m.weight.nbytes for m in linears)
+    copies_bytes = weight_bytes if batch > 1 else 0
     usable = (linears and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
               and hasattr(torch.ops.mkldnn, "_linear_pointwise")  # private ops: a torch without them decodes plainly
               and getattr(model, "_compiled_call_impl", None) is None  # model.compile() traced the plain forward
               and all(m.weight.device.type == "cpu" and m.weight.dtype == torch.float32 for m in linears)
-              and min_bytes <= weight_bytes < psutil.virtual_memory().available / 2)
+              and weight_bytes >= min_bytes and copies_bytes < psutil.virtual_memory().available / 2)
     if not usable:
         yield False
         return
     try:
         for m in linears:
-            m.forward = _packed_forward(torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), batch), m.bias)
+            weight = m.weight.detach()
+            if batch > 1:
+                weight = torch.ops.mkldnn._reorder_linear_weight(weight, batch)
+            m.forward = _onednn_forward(weight, m.bias)
         yield True
     finally:
         for m in linears:
@@ -86,7 +92,7 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _packed_forward(weight: torch.Tensor, bias: torch.Tensor | None):
+def _onednn_forward(weight: torch.Tensor, bias: torch.Tensor | None):
     return lambda x: torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
@@ -109,7 +115,7 @@ def generate(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, tem
     if idx.size(1) > context:
         raise ValueError(f"prompt has {idx.size(1)} tokens but the model's context is {context}; "
                          f"shorten the prompt to at most {context} tokens")
-    with _eval_mode(model), cpu_packed_linears(model, idx.size(0)):
+    with _eval_mode(model), onednn_linears(model, idx.size(0)):
         cache = model.new_kv_cache(idx.size(0), min(context, idx.size(1) + max_new_tokens)) if use_cache else None
         out, new = idx, idx
         for _ in range(max_new_tokens):

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 from omegaconf import DictConfig, OmegaConf
 
 T = TypeVar("T")
+CACHE_DIR = "~/.cache/gptexp"  # token files and the CPU's kept peak; $GPTEXP_CACHE moves it (conf/data/*.yaml)
 
 
 def asset_path(name: str) -> str:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from gptexp.config import CACHE_DIR
+
 log = logging.getLogger(__name__)
 
 # dense (no sparsity) tensor-core peaks in FLOP/s: (bf16/fp16, tf32), from NVIDIA's datasheets
@@ -56,7 +58,7 @@ def kept_peak_flops(device: torch.device | str, dtype: torch.dtype = torch.float
 
 
 def kept_peaks_path() -> Path:
-    return Path(os.environ.get("GPTEXP_CACHE", "~/.cache/gptexp")).expanduser() / "cpu_peak_flops.json"
+    return Path(os.environ.get("GPTEXP_CACHE", CACHE_DIR)).expanduser() / "cpu_peak_flops.json"
 
 
 def cpu_key(dtype: torch.dtype) -> str:

@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from gptexp.config import ConfigError
+from gptexp.config import CACHE_DIR, ConfigError
 from gptexp.data.llmc_shards import ShardError, read_split
 from gptexp.data.token_files import load_tokens, tokenize_once
 from gptexp.data.windows import RandomBatches, SequentialBatches, TokenWindows
@@ -25,7 +25,7 @@ class DataConfig:
     eval_batch_size: int | None = None  # validation windows per batch; null: as many as make 8,192 tokens
     val_fraction: float = 0.1
     source: str = "auto"  # where the text comes from, for datasets with a choice: auto | bundled | hub
-    cache_dir: str = "~/.cache/gptexp"
+    cache_dir: str = CACHE_DIR
     num_workers: int = 0
     path: str | None = None  # data=text: the text file
     shards: str | None = None  # read llm.c token shards {shards}_train_*.bin / {shards}_val_*.bin instead of the text

@@ -28,7 +28,6 @@ from omegaconf import DictConfig, OmegaConf
 from gptexp import finetune
 from gptexp.hardware import measured_cpu_memory_bandwidth, peak_flops
 from gptexp.memory import PeakMemory, resident_bytes
-from gptexp.module import FUSED_ADAMW_DEVICES
 from gptexp.models import GPT2, GPT2Config, Llama, LlamaConfig
 
 log = logging.getLogger(__name__)
@@ -101,8 +100,8 @@ class TrainRun:
         if cfg.compile:
             self.model.compile()
         params = [p for p in self.model.parameters() if p.requires_grad]
-        # torch's fused AdamW, the default of both: gptexp's optim.fused=null, HF Trainer's adamw_torch_fused
-        self.optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type in FUSED_ADAMW_DEVICES)
+        # torch's fused AdamW (CPU and CUDA): the default of gptexp (optim.fused=null) and of HF's Trainer
+        self.optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
         tokens = torch.randint(0, dims["vocab_size"], (batch, seq_len + 1), device=device)
         self.x, self.y = tokens[:, :-1], tokens[:, 1:]
         dtype = DTYPES[cfg.precision]

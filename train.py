@@ -2,6 +2,7 @@
 
 import hydra
 
+from gptexp.cli import run_command
 from gptexp.train import main as train
 
 
@@ -11,4 +12,4 @@ def main(cfg) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

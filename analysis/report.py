@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 import figures
+import pandas as pd
 from runs import Run, load
 
 
@@ -65,13 +66,27 @@ def report(path: str | Path, wandb_project: str | None = None, out: str | Path |
     return out
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line (exit status 2), like gptexp's commands."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"error: {message}; see python analysis/report.py --help\n")
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", help="a run directory, a sweep directory or a wandb offline run folder")
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read the runs from the wandb API instead")
     parser.add_argument("--out", help="where to write the report (default: <path>/report)")
     args = parser.parse_args()
-    print(report(args.path, args.wandb, args.out))
+    if not args.wandb and not Path(args.path).is_dir():
+        parser.exit(2, f"error: {args.path} is not a directory; pass a run directory (outputs/<date>/<time>), "
+                       f"a sweep directory (multirun/<date>/<time>) or a wandb offline-run-* folder\n")
+    try:
+        print(report(args.path, args.wandb, args.out))
+    except (FileNotFoundError, NotADirectoryError, PermissionError, pd.errors.EmptyDataError, pd.errors.ParserError,
+            KeyError) as error:
+        parser.exit(2, f"error: {error}\n")
 
 
 if __name__ == "__main__":

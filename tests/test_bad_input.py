@@ -1,16 +1,19 @@
-"""Bad input, table-driven: each gets one clear message naming the problem and the fix; a run that fails
-leaves no run directory behind and changes nothing written before."""
+"""Bad input, table-driven, for every command: each gets one line on stderr naming the problem and the fix,
+exit status 2 and no traceback; a run that fails leaves no directory behind and changes nothing written
+before."""
 
 import hashlib
+import os
+import runpy
+import subprocess
 import sys
 
-import hydra
 import pytest
 import torch
 from training import ROOT, TINY, train
 
-import gptexp.train
 from gptexp import models
+from gptexp.cli import OUR_FULL_ERROR
 from gptexp.config import ConfigError
 from gptexp.finetune import apply as apply_finetune
 from gptexp.models.llmc import LlmcFormatError, read_model
@@ -18,6 +21,8 @@ from gptexp.models.llmc import LlmcFormatError, read_model
 # (overrides of a tiny train.py run, what stderr must say: the problem, then the fix)
 TRAIN_CASES = {
     "unknown group option": (["model=gpt3"], ["Could not find 'model/gpt3'", "gpt2_mini", "llama2_260k"]),
+    "malformed override": (["optim.lr"], ["Error parsing override 'optim.lr'"]),
+    "seed that is not a number": (["seed=abc"], ["seed must be an integer, got 'abc'"]),
     "unknown key": (["+model.colour=red"], ["unknown key model.colour", "valid keys of model:"]),
     "key that is not there": (["model.colour=red"], ["Could not override 'model.colour'", "Key 'colour' is not in struct"]),
     "wrong type": (["optim.lr=fast"], ["optim.lr must be a float, got 'fast'"]),
@@ -49,18 +54,30 @@ TRAIN_CASES = {
 }
 
 
-@hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="train")
-def train_app(cfg):
-    return gptexp.train.main(cfg)  # train.py's Hydra app, with the configs found from here
+def in_process(command: str, arguments: list[str], monkeypatch, capfd) -> tuple[int, str]:
+    """`python train.py ...` or `python -m gptexp.<command> ...`, run in this process as __main__ (each
+    subprocess would spend seconds importing torch and Lightning): (exit status, stderr)."""
+    monkeypatch.setattr(sys, "argv", [command, *arguments])
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")  # as run_command sets them; restored after the test
+    monkeypatch.setenv(OUR_FULL_ERROR, "1")
+    with pytest.raises(SystemExit) as exit:
+        if command == "train.py":
+            runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
+        else:
+            runpy.run_module(f"gptexp.{command}", run_name="__main__")
+    return exit.value.code, capfd.readouterr().err
 
 
 def train_in_process(*overrides: str, monkeypatch, capfd) -> tuple[int, str]:
-    """`python train.py ...`, run in this process (each subprocess would spend seconds importing torch and
-    Lightning): (exit status, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["train.py", *TINY, *overrides])
-    with pytest.raises(SystemExit) as exit:
-        train_app()
-    return exit.value.code, capfd.readouterr().err
+    return in_process("train.py", [*TINY, *overrides], monkeypatch, capfd)
+
+
+def one_line_error(stderr: str, messages: list[str]) -> None:
+    """stderr is exactly one line, `error: ...`, holding every message."""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr[-3000:]
+    for message in messages:
+        assert message in lines[0], lines[0]
 
 
 @pytest.mark.parametrize("case", TRAIN_CASES)
@@ -74,20 +91,20 @@ def test_train_refuses_bad_input_cleanly(case, tmp_path, monkeypatch, capfd):
     earlier.write_text("keep me")
     status, stderr = train_in_process(*overrides, "logger=wandb", f"hydra.run.dir={run_dir}", monkeypatch=monkeypatch,
                                       capfd=capfd)
-    assert status in (1, 2)
-    for message in messages:
-        assert message in stderr, stderr[-3000:]
-    assert "Traceback" not in stderr
+    assert status == 2
+    one_line_error(stderr, messages)
     assert not run_dir.exists() and earlier.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["earlier.txt"] + ["a_file"] * (case == "unwritable output directory"))
 
 
 @pytest.mark.parametrize("content, message", [(b"", "is empty"), (b"caf\xe9 au lait", "is not UTF-8 text (byte 0xe9 at offset 3)")])
 def test_bad_text_files(content, message, tmp_path, monkeypatch, capfd):
     (tmp_path / "text.txt").write_bytes(content)
     status, stderr = train_in_process("data=text", f"data.path={tmp_path / 'text.txt'}",
-                                      f"hydra.run.dir={tmp_path / 'run'}", monkeypatch=monkeypatch, capfd=capfd)
-    assert status == 2 and message in stderr, stderr[-3000:]
-    assert not (tmp_path / "run").exists()
+                                      f"hydra.run.dir={tmp_path / 'run' / 'nested'}", monkeypatch=monkeypatch, capfd=capfd)
+    assert status == 2
+    one_line_error(stderr, [message])
+    assert not (tmp_path / "run").exists()  # nor the parent Hydra made for it
 
 
 def test_a_checkpoint_of_another_architecture_names_the_tensor(run_dir, tmp_path):
@@ -129,3 +146,75 @@ def test_an_llmc_file_with_a_bad_magic(tmp_path):
     (tmp_path / "model.bin").write_bytes((12345).to_bytes(4, "little") + bytes(1020))
     with pytest.raises(LlmcFormatError, match="bad magic 12345, expected 20240326 for an llm.c model file"):
         read_model(tmp_path / "model.bin")
+
+
+# (python -m gptexp.<command>, arguments, what stderr must say); each runs in an empty directory, which must stay empty
+COMMAND_CASES = {
+    "export: no source": ("export", [], ["source is required: add source=<value>"]),
+    "export: missing source": ("export", ["source=/no/such", "output=x.bin"],
+                               ["checkpoint path '/no/such' does not exist", "hub id"]),
+    "export: a file of another kind": ("export", [f"source={ROOT / 'README.md'}", "output=x.bin"],
+                                       ["README.md is neither an llm.c model (.bin) nor a training checkpoint"]),
+    "export: missing checkpoint": ("export", ["source=/no/such.ckpt", "output=x.bin"],
+                                   ["ckpt_path=/no/such.ckpt does not exist"]),
+    "export: unknown format": ("export", ["format=onnx", "source=x", "output=y"], ["format='onnx': choose llmc or hf"]),
+    "export: unknown key": ("export", ["sorce=x"], ["Could not override 'sorce'", "Key 'sorce' is not in struct"]),
+    "verify: no model": ("verify", [], ["model is required: add model=<value>"]),
+    "verify: missing files": ("verify", ["model=/no/model.bin", "state=/no/state.bin"],
+                              ["model=/no/model.bin is not a file", "python -m gptexp.export writes both"]),
+    "verify: not an llm.c file": ("verify", [f"model={ROOT / 'README.md'}", f"state={ROOT / 'README.md'}"],
+                                  ["README.md: bad magic", "expected 20240326 for an llm.c model file"]),
+    "prepare: unknown dataset": ("prepare", ["data=nope"], ["Could not find 'data/nope'", "shakespeare, "]),
+    "prepare: text without a path": ("prepare", ["data=text"], ["data=text reads a local file: set data.path="]),
+    "prepare: missing text file": ("prepare", ["data=text", "data.path=/no/such.txt"],
+                                   ["data.path=/no/such.txt does not exist"]),
+    "bench: unknown preset": ("bench", ["preset=nope"], ["Could not find 'preset/nope'", "cpu, gpu, smoke"]),
+    "bench: unknown implementation": ("bench", ["impls=[gptexp,vllm]"], ["impls=['gptexp', 'vllm']: choose from"]),
+    "bench: unknown device": ("bench", ["device=tpu"], ["device='tpu': choose auto, cpu or cuda"]),
+    "bench: unknown precision": ("bench", ["precision=fp8"], ["precision='fp8': choose fp32 or bf16"]),
+    "bench: no repeats": ("bench", ["repeats=0"], ["repeats must be an integer >= 1, got 0"]),
+}
+
+
+@pytest.mark.parametrize("case", COMMAND_CASES)
+def test_every_command_refuses_bad_input_cleanly(case, tmp_path, monkeypatch, capfd):
+    command, arguments, messages = COMMAND_CASES[case]
+    monkeypatch.chdir(tmp_path)
+    status, stderr = in_process(command, arguments, monkeypatch, capfd)
+    assert status == 2
+    one_line_error(stderr, messages)
+    assert list(tmp_path.iterdir()) == []  # no output directory, no partial file
+
+
+REPORT_CASES = {
+    "no path": ([], ["the following arguments are required: path"]),
+    "missing directory": (["/no/such/run"], ["/no/such/run is not a directory; pass a run directory"]),
+    "a directory without runs": (["{tmp}"], ["no runs under", "expected metrics.csv in it"]),
+    "an empty metrics.csv": (["{tmp}/run"], ["No columns to parse from file"]),
+}
+
+
+@pytest.mark.parametrize("case", REPORT_CASES)
+def test_report_refuses_bad_input_cleanly(case, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.csv").write_text("")
+    arguments, messages = REPORT_CASES[case]
+    if case == "a directory without runs":
+        (tmp_path / "run" / "metrics.csv").unlink()
+    result = subprocess.run([sys.executable, str(ROOT / "analysis" / "report.py"),
+                             *(a.format(tmp=tmp_path) for a in arguments)], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120, env=os.environ | {"PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 2
+    one_line_error(result.stderr, messages)
+    assert [p.name for p in tmp_path.iterdir()] == ["run"] and not (tmp_path / "run" / "report").exists()
+
+
+@pytest.mark.parametrize("command", [["train.py", *TINY, "seed=abc"], ["-m", "gptexp.export", "source=/no/such.ckpt"]])
+def test_commands_answer_in_one_line_from_the_command_line(command, tmp_path):
+    """The real `python <command>` path (run_command in __main__), in a fresh process."""
+    result = subprocess.run([sys.executable, *command, f"hydra.run.dir={tmp_path / 'run'}"] if command[0] == "train.py"
+                            else [sys.executable, *command], cwd=ROOT if command[0] == "train.py" else tmp_path,
+                            capture_output=True, text=True, timeout=120, env=os.environ | {"PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 2
+    one_line_error(result.stderr, ["seed must be an integer" if command[0] == "train.py" else "does not exist"])
+    assert list(tmp_path.iterdir()) == []

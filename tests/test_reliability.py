@@ -2,7 +2,6 @@
 writes, non-finite losses, determinism and DDP. Runs go through train.py in subprocesses, as a user's."""
 
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -12,10 +11,10 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from training import ROOT, TINY, column, metrics, train
+from training import checkpoint_at_least, column, launch, metrics, saved_step, train, wait_for
 
 from gptexp import checkpoints, data, models
-from gptexp.callbacks import PeriodicCheckpoint, ResumeState
+from gptexp.callbacks import ResumePoint, ResumeState
 from gptexp.module import LanguageModelModule, NonFiniteLossError, OptimConfig
 
 # long enough to be killed between two checkpoints; dropout makes the torch RNG state matter
@@ -24,49 +23,36 @@ LONG = ["trainer.max_steps=150", "optim.decay_steps=150", "trainer.val_check_int
 FINETUNES = {"full": [], "lora": ["finetune=lora", "finetune.r=4"]}
 
 
-def launch(*overrides: str, run_dir: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "train.py", *TINY, *overrides, f"hydra.run.dir={run_dir}"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=os.environ | {"PYTHONWARNINGS": "ignore"})
-
-
-def saved_step(path: Path) -> int:
-    return checkpoints.load(path)["global_step"]
-
-
-def wait_for(condition, process: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while not condition():
-        assert process.poll() is None, process.communicate()[1][-3000:]
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.01)
-
-
 def losses(run_dir: Path) -> dict[int, float]:
     return dict(column(metrics(run_dir), "train/loss"))
 
 
 @pytest.mark.parametrize("finetune", FINETUNES)
 def test_a_run_killed_at_any_step_resumes_exactly(finetune, tmp_path):
-    """SIGKILL between two checkpoints; the resumed run's losses equal the uninterrupted run's (1e-6),
-    and the wandb run goes on under the same id."""
+    """SIGKILL between two checkpoints, then a resume into a new directory: its metrics.csv holds every step
+    once (the old run's up to the checkpoint, copied in, then its own), with the uninterrupted run's losses
+    (1e-6), and the wandb run goes on under the same id."""
     args = [*LONG, *FINETUNES[finetune]]
     reference = train(*args, "logger=csv", run_dir=tmp_path / "reference")
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     killed = launch(*args, run_dir=tmp_path / "killed")
     last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
-    wait_for(lambda: last.exists() and saved_step(last) >= 40, killed)
+    wait_for(checkpoint_at_least(last, 40), killed)
     time.sleep(0.15)  # some steps after that checkpoint, at no particular step
     killed.send_signal(signal.SIGKILL)
     assert killed.wait() == -signal.SIGKILL
     start = saved_step(last)
     assert 40 <= start < 150
 
+    before = {p.name: p.read_bytes() for p in (tmp_path / "killed").iterdir() if p.is_file()}
     resumed = train(*args, f"ckpt_path={tmp_path / 'killed'}", run_dir=tmp_path / "resumed")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "killed").iterdir() if p.is_file()} == before
+    assert "## after 10 steps" in (tmp_path / "resumed" / "samples.md").read_text()  # copied over
     expected, got = losses(tmp_path / "reference"), losses(tmp_path / "resumed")
-    assert sorted(got) == list(range(start, 150))  # every step after the checkpoint, once
+    steps = [step for step, _ in column(metrics(tmp_path / "resumed"), "train/loss")]
+    assert steps == list(range(150))  # every step once, in order: copied up to the checkpoint, then trained here
     for step, loss in got.items():
         assert loss == pytest.approx(expected[step], abs=1e-6), step
     if finetune == "full":
@@ -89,7 +75,7 @@ def test_sigterm_stops_with_a_checkpoint_that_resumes(tmp_path):
     # the same command again (as a requeued SLURM job runs it): it resumes from its directory's checkpoint
     resumed = train(*LONG, f"trainer.max_steps={step + 5}", "logger=csv", run_dir=tmp_path / "run")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from" in resumed.stdout + resumed.stderr
+    assert "=== resumed at step" in resumed.stdout + resumed.stderr
     assert saved_step(last) == step + 5
 
 
@@ -141,7 +127,7 @@ def nonfinite_run(tmp_path, action: str) -> tuple[LanguageModelModule, L.Trainer
     trainer = L.Trainer(max_steps=12, logger=L.pytorch.loggers.CSVLogger(tmp_path), enable_checkpointing=False,
                         enable_progress_bar=False, limit_val_batches=0, log_every_n_steps=1,
                         callbacks=[InjectInfinity(at=8), ResumeState(),
-                                   PeriodicCheckpoint(str(tmp_path / "last.ckpt"), every_n_steps=5)],
+                                   ResumePoint(str(tmp_path / "last.ckpt"), every_n_steps=5)],
                         plugins=[checkpoints.AtomicCheckpointIO()])
     trainer.fit(module, datamodule=data.build(source, context_length=16))
     return module, trainer

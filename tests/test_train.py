@@ -18,6 +18,7 @@ def test_training_lowers_val_loss(run_dir):
 def test_run_directory_holds_config_checkpoints_samples_and_wandb(run_dir):
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {"best.ckpt", "last.ckpt"}
+    assert not (run_dir / ".lock").exists()  # the run released its directory
     samples = (run_dir / "samples.md").read_text()
     assert "## after 20 steps" in samples and "## after 40 steps" in samples
     wandb_runs = list((run_dir / "wandb").glob("offline-run-*"))

@@ -4,7 +4,10 @@ import csv
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 # a tiny character-level GPT: seconds per run
@@ -28,3 +31,41 @@ def metrics(run_dir: Path) -> list[dict]:
 
 def column(rows: list[dict], name: str, step: str = "step") -> list[tuple[int, float]]:
     return [(int(float(r[step])), float(r[name])) for r in rows if r.get(name)]
+
+
+# the columns two runs of the same config and seed must agree on, row for row: the rest are timings, and
+# `epoch` counts Lightning's passes over a sampler that spans the whole run (an extended run is in its second)
+DETERMINISTIC = ("step", "steps", "train/loss", "train/lr", "val/loss", "val/ppl")
+
+
+def history(run_dir: Path) -> list[tuple[str, ...]]:
+    return [tuple(row.get(name, "") for name in DETERMINISTIC) for row in metrics(run_dir)]
+
+
+def launch(*overrides: str, run_dir: Path, env: dict | None = None) -> subprocess.Popen:
+    """train.py started in the background, to be stopped by the test."""
+    return subprocess.Popen([sys.executable, "train.py", *TINY, *overrides, f"hydra.run.dir={run_dir}"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=(env or os.environ) | {"PYTHONWARNINGS": "ignore"})
+
+
+def saved_step(path: Path) -> int:
+    return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def checkpoint_at_least(path: Path, step: int):
+    """A condition: `path` exists and holds at least `step` optimizer steps."""
+    def reached() -> bool:
+        try:
+            return path.exists() and saved_step(path) >= step
+        except (RuntimeError, EOFError, OSError):  # replaced while it was read
+            return False
+    return reached

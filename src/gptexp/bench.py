@@ -26,12 +26,15 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from gptexp import finetune
+from gptexp.cli import answered_errors, run_command
+from gptexp.config import ConfigError
 from gptexp.hardware import measured_cpu_memory_bandwidth, peak_flops
 from gptexp.memory import PeakMemory, resident_bytes
 from gptexp.models import GPT2, GPT2Config, Llama, LlamaConfig
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+IMPLS = ("gptexp", "hf")
 
 
 def build_model(impl: str, dims: dict, context: int, device: torch.device) -> torch.nn.Module:
@@ -49,7 +52,7 @@ def _build(impl: str, arch: str, dims: dict, context: int) -> torch.nn.Module:
             return Llama(LlamaConfig(max_seq_len=context, **dims))
         return GPT2(GPT2Config(block_size=context, **dims))
     if impl != "hf":
-        raise ValueError(f"unknown implementation {impl!r}: choose gptexp or hf")
+        raise ConfigError(f"unknown implementation {impl!r}: choose {' or '.join(IMPLS)}")
     import transformers  # the reference; a dev dependency
 
     if arch == "llama":
@@ -325,10 +328,28 @@ def run(cfg: DictConfig):
     return table
 
 
+def check(cfg: DictConfig) -> None:
+    """Bad settings, named before any work."""
+    unknown = [impl for impl in cfg.impls if impl not in IMPLS]
+    if unknown or not cfg.impls:
+        raise ConfigError(f"impls={list(cfg.impls)}: choose from {', '.join(IMPLS)}")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device={cfg.device!r}: choose auto, cpu or cuda")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda, but torch sees no CUDA device here; use device=cpu (or auto)")
+    if cfg.precision not in DTYPES:
+        raise ConfigError(f"precision={cfg.precision!r}: choose {' or '.join(DTYPES)}")
+    for key, least in (("warmup", 0), ("repeats", 1)):
+        if not isinstance(cfg[key], int) or cfg[key] < least:
+            raise ConfigError(f"{key} must be an integer >= {least}, got {cfg[key]!r}")
+
+
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="bench")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    with answered_errors(cfg.output_dir):
+        check(cfg)
+        run(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

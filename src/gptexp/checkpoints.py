@@ -11,7 +11,9 @@ from contextlib import suppress
 from pathlib import Path
 
 import torch
-from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
+
+from gptexp.writing import writing
 
 
 class CheckpointError(RuntimeError):
@@ -19,21 +21,23 @@ class CheckpointError(RuntimeError):
 
 
 def save_atomically(checkpoint: dict, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the target's directory, flushed to disk, then renamed over it."""
+    """torch.save to a temporary file in the target's directory, flushed to disk, then renamed over it.
+    A failed write raises WriteError naming `path`; the file that was there stays whole."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # permissions as the umask says
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with writing(path):
+        path.parent.mkdir(exist_ok=True)  # the checkpoints folder; a vanished run directory is not remade
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # permissions as the umask says
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
 
 
 def check_readable(path: str | os.PathLike) -> None:
@@ -76,6 +80,50 @@ def check_compatible(state: dict[str, torch.Tensor], expected: dict[str, torch.T
                           f"settings of the run that wrote it (its .hydra/config.yaml)")
 
 
+def remove_partial_writes(directory: str | os.PathLike) -> int:
+    """Delete the temporary files that killed writers left in `directory` (call it holding the run's
+    lock: no live writer then); how many there were."""
+    partial = list(Path(directory).glob(".*.ckpt.*.tmp"))
+    for path in partial:
+        with suppress(FileNotFoundError):
+            path.unlink()
+    return len(partial)
+
+
+def saved_step(path: str | os.PathLike) -> int | None:
+    """The optimizer steps a checkpoint file holds, or None if it does not load."""
+    try:
+        return int(load(path, mmap=True).get("global_step", 0))
+    except (CheckpointError, OSError):
+        return None
+
+
+def last_intact(directory: str | os.PathLike) -> tuple[int, Path] | None:
+    """(step, path) of the furthest checkpoint in `directory` that loads, or None."""
+    intact = [(step, path) for path in sorted(Path(directory).glob("*.ckpt"))
+              if (step := saved_step(path)) is not None]
+    return max(intact, key=lambda found: found[0]) if intact else None
+
+
+def resolve_ckpt_path(ckpt_path: str | None) -> str | None:
+    """A checkpoint file, or a run directory meaning its checkpoints/last.ckpt."""
+    if ckpt_path is None:
+        return None
+    path = Path(ckpt_path).expanduser()
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
+            if candidate.is_file():
+                check_readable(candidate)
+                return str(candidate)
+        raise FileNotFoundError(f"ckpt_path={ckpt_path} is a directory without checkpoints/last.ckpt; "
+                                f"pass a run directory (outputs/<date>/<time>) or a .ckpt file")
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist; pass a .ckpt file or a run directory "
+                                f"(outputs/<date>/<time>) holding checkpoints/last.ckpt")
+    check_readable(path)
+    return str(path)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint writer, made atomic, with clear errors for unusable files."""
 
@@ -84,3 +132,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location=None, weights_only=None):
         return load(path, map_location=map_location or "cpu")
+
+
+class ForwardingCheckpointIO(CheckpointIO):
+    """A checkpoint writer that hands everything to `inner`; subclasses add to save_checkpoint."""
+
+    def __init__(self, inner: CheckpointIO):
+        self.inner = inner
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
+
+    def load_checkpoint(self, path, map_location=None, **kwargs):
+        return self.inner.load_checkpoint(path, map_location=map_location, **kwargs)
+
+    def remove_checkpoint(self, path):
+        self.inner.remove_checkpoint(path)
+
+    def teardown(self):
+        self.inner.teardown()

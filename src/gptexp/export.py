@@ -13,15 +13,17 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from gptexp.checkpoints import load, resolve_ckpt_path
+from gptexp.cli import answered_errors, run_command
 from gptexp.config import ConfigError
 from gptexp.models import ARCHITECTURES, GPT2
 from gptexp.models.llmc import read_model, write_model, write_state
-from gptexp.train import resolve_ckpt_path
+from gptexp.writing import writing
 
 
 def load_checkpoint(path: str | Path) -> torch.nn.Module:
     """The model of a gptexp training checkpoint (the architecture is stored in it)."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)  # a Lightning checkpoint: trusted, yours
+    checkpoint = load(path)  # a Lightning checkpoint: trusted, yours
     if "gptexp_model" not in checkpoint:
         raise ConfigError(f"{path} does not record its architecture (written before gptexp stored it)")
     spec = checkpoint["gptexp_model"]
@@ -37,6 +39,9 @@ def load_checkpoint(path: str | Path) -> torch.nn.Module:
 
 def load_gpt2(source: str) -> GPT2:
     path = Path(source).expanduser()
+    if path.is_file() and path.suffix not in (".bin", ".ckpt"):
+        raise ConfigError(f"source={source} is neither an llm.c model (.bin) nor a training checkpoint (.ckpt); "
+                          f"pass one of those, a run directory, an HF GPT-2 directory or a hub id")
     if path.suffix == ".bin" and path.is_file():
         model = read_model(path)
     elif path.suffix == ".ckpt" or (path.is_dir() and not (path / "config.json").exists()):
@@ -49,26 +54,29 @@ def load_gpt2(source: str) -> GPT2:
 
 
 def export(cfg: DictConfig) -> None:
+    if cfg.format not in ("llmc", "hf"):
+        raise ConfigError(f"format={cfg.format!r}: choose llmc or hf")
     model = load_gpt2(str(cfg.source))
     if cfg.format == "hf":
-        model.save_pretrained(cfg.output)
-    elif cfg.format == "llmc":
+        with writing(cfg.output):
+            model.save_pretrained(cfg.output)
+        return print(f"wrote {cfg.output}")
+    with writing(cfg.output):
         write_model(model, cfg.output)
-        if cfg.state:
-            generator = torch.Generator().manual_seed(cfg.seed)
-            seq_len = cfg.state_seq_len or min(64, model.config.block_size)
-            tokens = torch.randint(0, model.config.vocab_size, (cfg.state_batch, seq_len + 1),
-                                   generator=generator)
+    if cfg.state:
+        generator = torch.Generator().manual_seed(cfg.seed)
+        seq_len = cfg.state_seq_len or min(64, model.config.block_size)
+        tokens = torch.randint(0, model.config.vocab_size, (cfg.state_batch, seq_len + 1), generator=generator)
+        with writing(cfg.state):
             write_state(model, tokens[:, :-1], tokens[:, 1:], cfg.state)
-    else:
-        raise ConfigError(f"format={cfg.format!r}: choose llmc or hf")
-    print(f"wrote {cfg.output}" + (f" and {cfg.state}" if cfg.format == "llmc" and cfg.state else ""))
+    print(f"wrote {cfg.output}" + (f" and {cfg.state}" if cfg.state else ""))
 
 
 @hydra.main(version_base="1.3", config_path="../../conf/tools", config_name="export")
 def main(cfg: DictConfig) -> None:
-    export(cfg)
+    with answered_errors():
+        export(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

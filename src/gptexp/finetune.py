@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from gptexp.config import ConfigError, build_dataclass
 from gptexp.models import LanguageModel
+from gptexp.writing import writing
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +100,12 @@ def save(model: nn.Module, directory: str | Path, merged: bool = False) -> None:
     if not isinstance(model, PeftModel):
         return
     directory = Path(directory)
-    model.save_pretrained(directory / "adapter")
+    with writing(directory / "adapter"):
+        model.save_pretrained(directory / "adapter")
     log.info("LoRA adapter saved to %s", directory / "adapter")
     if merged:
-        merge(model).save_pretrained(directory / "merged")
+        with writing(directory / "merged"):
+            merge(model).save_pretrained(directory / "merged")
         log.info("merged model saved to %s", directory / "merged")
 
 

@@ -1,23 +1,195 @@
-"""Experiment loggers: wandb that never prompts and never waits for a network it does not have."""
+"""Experiment loggers: a metrics.csv that keeps a run's history, and wandb that never prompts, never
+waits for a network it does not have, and never stops a run."""
 
 from __future__ import annotations
 
+import csv
+import io
+import logging
 import netrc
 import os
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+from contextlib import suppress
+from pathlib import Path
 
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 
+from gptexp.writing import WriteError, replace_atomically, writing
+
+log = logging.getLogger(__name__)
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+DEFAULT_WANDB_URL = "https://api.wandb.ai"
+
+
+def read_metrics(path: str | os.PathLike) -> tuple[list[str], list[dict[str, str]]]:
+    """The header and rows of a metrics.csv (none if it is missing); a torn last line, left by a crash
+    mid-append, is not a row."""
+    path = Path(path)
+    if not path.is_file():
+        return [], []
+    text = path.read_text(encoding="utf-8")
+    if not text.endswith("\n"):
+        text = text[:text.rfind("\n") + 1]
+    reader = csv.DictReader(io.StringIO(text))
+    rows = list(reader)
+    return list(reader.fieldnames or []), rows
+
+
+def write_metrics(path: str | os.PathLike, keys: list[str], rows: list[dict]) -> None:
+    """Replace `path` with a metrics.csv of these columns and rows, atomically."""
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    replace_atomically(path, buffer.getvalue().encode("utf-8"))
+
+
+class MetricsFile(ExperimentWriter):
+    """Lightning's metrics.csv writer, made to keep what the file holds (the history a resumed run
+    carried over, gptexp.callbacks.history): rows are appended, a new column rewrites the file whole
+    and atomically, and a failed write raises WriteError. `rows_on_disk` counts the file's rows."""
+
+    def __init__(self, log_dir: str):
+        super().__init__(log_dir)
+        self.metrics_keys, rows = read_metrics(self.metrics_file_path)
+        self.rows_on_disk = len(rows)
+
+    def _check_log_dir_exists(self) -> None:
+        """Lightning's deletes an existing metrics.csv; here it is the run's history, kept."""
+
+    def save(self) -> None:
+        if not self.metrics:
+            return
+        path = self.metrics_file_path
+        with writing(path):
+            if self._record_new_keys() or not os.path.isfile(path):
+                _, rows = read_metrics(path)
+                write_metrics(path, self.metrics_keys, rows + self.metrics)
+            else:
+                with open(path, "a", newline="", encoding="utf-8") as f:
+                    csv.DictWriter(f, fieldnames=self.metrics_keys).writerows(self.metrics)
+        self.rows_on_disk += len(self.metrics)
+        self.metrics = []
+
+    def sync(self) -> int:
+        """Write the rows logged so far and flush them to disk; the number of rows the file holds."""
+        self.save()
+        if os.path.isfile(self.metrics_file_path):
+            with writing(self.metrics_file_path):
+                fd = os.open(self.metrics_file_path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        return self.rows_on_disk
+
+    def log_hparams(self, params: dict) -> None:
+        with writing(os.path.join(self.log_dir, self.NAME_HPARAMS_FILE)):
+            super().log_hparams(params)
+
+
+class MetricsCSVLogger(CSVLogger):
+    """Lightning's CSVLogger over a MetricsFile: metrics.csv in the run directory, a row per logging step,
+    a column per metric, holding the whole run across resumes."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> MetricsFile:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = MetricsFile(log_dir=self.log_dir)
+        return self._experiment
+
+    def finalize(self, status: str) -> None:
+        if status != "failed":
+            return super().finalize(status)
+        with suppress(WriteError):  # the run already failed: that error is the one to report
+            super().finalize(status)
+
+
+def wandb_url() -> str:
+    """The wandb server this process would talk to: WANDB_BASE_URL, wandb's settings files, or its default."""
+    if os.environ.get("WANDB_BASE_URL"):
+        return os.environ["WANDB_BASE_URL"]
+    try:
+        import wandb
+
+        settings = wandb.Settings()
+        settings.update_from_system_settings()
+        return settings.base_url
+    except Exception:  # an old or broken settings file: wandb would fall back to its default too
+        return DEFAULT_WANDB_URL
 
 
 def wandb_api_key_configured() -> bool:
-    """True when wandb has credentials: WANDB_API_KEY, or an api.wandb.ai entry in ~/.netrc (`wandb login`)."""
+    """True when wandb has credentials: WANDB_API_KEY, or a ~/.netrc entry for its server (`wandb login`)."""
     if os.environ.get("WANDB_API_KEY"):
         return True
+    hosts = {"api.wandb.ai", urllib.parse.urlparse(wandb_url()).hostname}
     try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
+        entries = netrc.netrc()
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
         return False
+    return any(entries.authenticators(host) for host in hosts if host)
+
+
+def unreachable(url: str, timeout: float) -> str | None:
+    """Why `url` gives no HTTP answer within `timeout` seconds (name lookup included), or None if it answers."""
+    outcome: dict[str, BaseException | None] = {}
+
+    def ask() -> None:
+        try:
+            urllib.request.urlopen(url, timeout=timeout).close()
+            outcome["error"] = None
+        except urllib.error.HTTPError:  # any status is an answer
+            outcome["error"] = None
+        except Exception as error:
+            outcome["error"] = error
+
+    thread = threading.Thread(target=ask, daemon=True)  # a hanging name lookup ignores urlopen's timeout
+    thread.start()
+    thread.join(timeout)
+    if "error" not in outcome:
+        return f"no answer from {url} within {timeout:g} s"
+    error = outcome["error"]
+    if error is None:
+        return None
+    reason = getattr(error, "reason", error)
+    return f"no answer from {url} ({reason})"
+
+
+class ResilientWandbLogger(WandbLogger):
+    """A WandbLogger that logs offline when the server cannot be used (`offline_because` says why, or
+    wandb.init fails), and says where the offline run is and how to upload it."""
+
+    def __init__(self, *args, offline_because: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.offline_because = offline_because
+
+    @property
+    @rank_zero_experiment
+    def experiment(self):
+        if self._experiment is not None:
+            return self._experiment
+        import wandb
+
+        if not self._offline:
+            try:
+                return super().experiment
+            except wandb.errors.Error as error:  # a refused key, a server that fails mid-handshake, ...
+                self.offline_because = f"wandb.init failed ({error})"
+                self._offline, self._wandb_init["mode"] = True, "offline"
+        experiment = super().experiment
+        if self.offline_because and getattr(experiment, "dir", None):
+            folder = Path(experiment.dir).parent
+            log.warning("wandb: %s; this run logs offline to %s: upload it later with `wandb sync %s`",
+                        self.offline_because, folder, folder)
+        return experiment
 
 
 def sweep_job() -> tuple[str, str] | None:
@@ -32,18 +204,23 @@ def sweep_job() -> tuple[str, str] | None:
 
 
 def wandb_logger(save_dir: str, project: str = "gptexp", mode: str = "auto", group: str | None = None,
-                 name: str | None = None, **kwargs) -> WandbLogger:
+                 name: str | None = None, connect_timeout_s: float = 3.0, **kwargs) -> WandbLogger:
     """A WandbLogger writing under `save_dir/wandb`. mode=auto: WANDB_MODE if set, else online only
     when an API key is configured, otherwise offline (sync later with `wandb sync <run folder>`).
+    Online, the server must answer within `connect_timeout_s`, or the run logs offline and says so.
     In a Hydra multirun each job is one run, grouped by the sweep directory and named by its overrides,
     unless group / name are given."""
     if mode not in WANDB_MODES:
         raise ValueError(f"logger.wandb.mode must be one of {', '.join(WANDB_MODES)}, got {mode!r}")
     if mode == "auto":
         mode = os.environ.get("WANDB_MODE") or ("online" if wandb_api_key_configured() else "offline")
+    mode = {"dryrun": "offline", "run": "online"}.get(mode, mode)  # wandb's older names
+    offline_because = unreachable(wandb_url(), connect_timeout_s) if mode == "online" else None
+    if offline_because:
+        mode = "offline"
     job = sweep_job()
     if job:
         group, name = group or job[0], name or job[1]
     os.makedirs(save_dir, exist_ok=True)
-    return WandbLogger(project=project, save_dir=save_dir, offline=mode == "offline", mode=mode, group=group,
-                       name=name, **kwargs)
+    return ResilientWandbLogger(project=project, save_dir=save_dir, offline=mode == "offline", mode=mode,
+                                group=group, name=name, offline_because=offline_because, **kwargs)

@@ -7,14 +7,13 @@ them to llm.c's train_gpt2 (-i / -j).
 
 from __future__ import annotations
 
-import sys
-
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from gptexp import data
-from gptexp.config import ConfigError
-from gptexp.data.llmc_shards import ShardError, encode_for_llmc, write_split
+from gptexp.cli import answered_errors, run_command
+from gptexp.data.llmc_shards import encode_for_llmc, write_split
+from gptexp.writing import writing
 
 
 def prepare(cfg: DictConfig) -> dict[str, int]:
@@ -24,7 +23,8 @@ def prepare(cfg: DictConfig) -> dict[str, int]:
     counts = {}
     for split, documents in source.splits.items():
         tokens = encode_for_llmc(documents, source.tokenizer)
-        paths = write_split(cfg.output, source.config.name, split, tokens, cfg.shard_tokens)
+        with writing(cfg.output):
+            paths = write_split(cfg.output, source.config.name, split, tokens, cfg.shard_tokens)
         counts[split] = len(tokens)
         print(f"{split}: {len(documents)} documents, {len(tokens):,} tokens -> {', '.join(map(str, paths))}")
     return counts
@@ -32,12 +32,9 @@ def prepare(cfg: DictConfig) -> dict[str, int]:
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="tools/prepare")
 def main(cfg: DictConfig) -> None:
-    try:
+    with answered_errors():
         prepare(cfg)
-    except (ConfigError, ShardError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

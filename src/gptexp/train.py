@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import sys
-import warnings
 from pathlib import Path
 
 import hydra
@@ -20,32 +18,37 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, read_write
 
 from gptexp import checkpoints, data, finetune, models
-from gptexp.callbacks.resume import GracefulStop, ResumeState
+from gptexp.callbacks.history import RunHistory, carry_over
+from gptexp.callbacks.resume import ResumePoint, ResumeState
+from gptexp.cli import Fault, answered_errors
 from gptexp.config import ConfigError, build_dataclass
 from gptexp.module import LanguageModelModule, OptimConfig
+from gptexp.run_lock import secondary_rank
+from gptexp.writing import WriteError
 
 log = logging.getLogger(__name__)
-# Hydra's .hydra/ folder is in the run directory, where metrics.csv goes too: nothing is overwritten
-warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
-
-
-# mistakes in what the user asked for: answered by one line naming the problem and the fix, not a traceback
-USER_ERRORS = (ConfigError, checkpoints.CheckpointError, FileNotFoundError, NotADirectoryError, PermissionError)
 
 
 def main(cfg: DictConfig) -> float | None:
-    """`run`, for the command line: a user error ends the run with its message on stderr (exit status 2),
-    and a run directory this run made is removed, so no partial output stays behind."""
-    output_dir = Path(cfg.output_dir)
-    made_here = all(p.name == ".hydra" or p.suffix == ".log" for p in output_dir.iterdir())
-    relaunch_as_this_job()
-    try:
-        return run(cfg)
-    except USER_ERRORS as error:
-        if made_here:
-            shutil.rmtree(output_dir, ignore_errors=True)
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    """`run`, for the command line: bad input ends the run with one line on stderr (exit status 2), and a
+    run directory this run made is removed; a write that fails (a full disk, a vanished directory) ends it
+    with one line naming the file and the last intact checkpoint (exit status 1). See gptexp.cli."""
+    with answered_errors(cfg.output_dir):
+        relaunch_as_this_job()
+        try:
+            return run(cfg)
+        except WriteError as error:
+            raise Fault(f"{error}; {intact_checkpoint_note(Path(cfg.output_dir) / 'checkpoints')}") from error
+
+
+def intact_checkpoint_note(directory: Path) -> str:
+    """Where a failed run can resume from: the furthest checkpoint in `directory` that loads."""
+    found = checkpoints.last_intact(directory) if directory.is_dir() else None
+    if found is None:
+        return "no checkpoint of this run is left to resume from"
+    step, path = found
+    return (f"the last intact checkpoint is step {step}, {path}: once the cause is fixed, the same command "
+            f"resumes from it")
 
 
 # the variables Lightning's DDP launcher sets in the launching process, as they were before any job
@@ -73,12 +76,12 @@ def relaunch_as_this_job() -> None:
 
 def run(cfg: DictConfig) -> float | None:
     """Train as `cfg` (conf/train.yaml composed with overrides) says; return the best val/loss."""
-    ckpt_path = resolve_ckpt_path(cfg.ckpt_path)  # fail before any work when it is wrong
-    own = Path(cfg.output_dir) / "checkpoints" / "last.ckpt"
-    if ckpt_path is None and own.is_file():  # this directory's run, started again (e.g. a requeued SLURM job)
-        log.info("resuming from %s, this run directory's last checkpoint", own)
-        ckpt_path = resolve_ckpt_path(str(own))
-    L.seed_everything(cfg.seed, workers=True)
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
+        raise ConfigError(f"seed must be an integer, got {cfg.seed!r}")
+    ckpt_path = checkpoints.resolve_ckpt_path(cfg.ckpt_path)  # fail before any work when it is wrong
+    if ckpt_path is None:  # this directory's run, started again (e.g. a requeued SLURM job)
+        ckpt_path = own_checkpoint(Path(cfg.output_dir))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
     model_tokenizer = "char" if cfg.data.get("tokenizer") == "char" else models.tokenizer_spec(cfg.model)
     if model_tokenizer == "char" and any(cfg.model.get(key) for key in models.WEIGHTS_KEYS):
@@ -94,7 +97,13 @@ def run(cfg: DictConfig) -> float | None:
     datamodule.setup("fit")  # data errors (too short for a window, bad shards) before any output is written
     module = LanguageModelModule(model, build_dataclass(OptimConfig, cfg.optim, "optim"), cfg.on_nonfinite_loss)
     resumed = checkpoint_of(ckpt_path, module)
-    trainer = build_trainer(cfg, wandb_id=resumed.get("wandb_id"))
+    if not secondary_rank():  # rank 0 writes the history, and holds the directory's lock
+        if partial := checkpoints.remove_partial_writes(Path(cfg.output_dir) / "checkpoints"):
+            log.info("removed %d partial checkpoint file(s) left by a killed run", partial)
+        kept = carry_over(ckpt_path, resumed, cfg.output_dir)
+        if ckpt_path:
+            log.info("=== resumed at step %d from %s: %s ===", resumed.get("global_step", 0), ckpt_path, kept)
+    trainer = build_trainer(cfg, wandb_id=resumed.get("gptexp_resume", {}).get("wandb_id"))
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:
@@ -111,13 +120,23 @@ def run(cfg: DictConfig) -> float | None:
     return None if best is None else float(best)
 
 
+def own_checkpoint(run_dir: Path) -> str | None:
+    """The furthest state a run directory holds: its checkpoints/last.ckpt, or the checkpoint Lightning's
+    SLURM support writes at SIGUSR1 (hpc_ckpt_<n>.ckpt) when that one is further."""
+    candidates = [path for path in (run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt"))
+                  if path.is_file()]
+    steps = {path: checkpoints.load(path, mmap=True).get("global_step", 0) for path in candidates}  # corrupt: refused
+    return str(max(steps, key=steps.get)) if steps else None
+
+
 def checkpoint_of(ckpt_path: str | None, module: L.LightningModule) -> dict:
-    """Check a checkpoint to resume from against the module (memory-mapped: cheap); its gptexp_resume record."""
+    """The checkpoint to resume from (memory-mapped: cheap), checked against the module; {} for none."""
     if ckpt_path is None:
         return {}
     checkpoint = checkpoints.load(ckpt_path, mmap=True)
     checkpoints.check_compatible(checkpoint.get("state_dict", {}), module.state_dict(), ckpt_path)
-    return checkpoint.get("gptexp_resume", {})
+    return checkpoint
+
 
 
 def finish_wandb(trainer: L.Trainer) -> None:
@@ -142,7 +161,9 @@ def build_trainer(cfg: DictConfig, wandb_id: str | None = None) -> L.Trainer:
     if isinstance(trainer_args.get("val_check_interval"), int) and trainer_args["val_check_interval"] > batches:
         trainer_args["val_check_interval"] = batches  # a run shorter than one interval validates at its end
     callbacks = [instantiate(c, f"callbacks.{name}") for name, c in (cfg.get("callbacks") or {}).items() if c]
-    callbacks += [ResumeState(), GracefulStop(str(Path(cfg.output_dir) / "checkpoints" / "last.ckpt"))]
+    if not any(isinstance(c, ResumePoint) for c in callbacks):  # SIGTERM / Ctrl-C stop with a checkpoint, always
+        callbacks.append(ResumePoint(str(Path(cfg.output_dir) / "checkpoints" / "last.ckpt"), every_n_steps=None))
+    callbacks += [ResumeState(), RunHistory()]
     resume = {"id": wandb_id, "resume": "allow"} if wandb_id else {}
     loggers = [instantiate(c, f"logger.{name}", **(resume if "wandb" in c.get("_target_", "") else {}))
                for name, c in (cfg.get("logger") or {}).items() if c]
@@ -162,22 +183,3 @@ def instantiate(cfg: DictConfig, key: str, **kwargs):
         return hydra.utils.instantiate(cfg, **kwargs)
     except InstantiationException as error:
         raise ConfigError(f"{key}: {error.__cause__ or error}") from error
-
-
-def resolve_ckpt_path(ckpt_path: str | None) -> str | None:
-    """A checkpoint file, or a run directory meaning its checkpoints/last.ckpt."""
-    if ckpt_path is None:
-        return None
-    path = Path(ckpt_path).expanduser()
-    if path.is_dir():
-        for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
-            if candidate.is_file():
-                checkpoints.check_readable(candidate)
-                return str(candidate)
-        raise FileNotFoundError(f"ckpt_path={ckpt_path} is a directory without checkpoints/last.ckpt; "
-                                f"pass a run directory (outputs/<date>/<time>) or a .ckpt file")
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist; pass a .ckpt file or a run directory "
-                                f"(outputs/<date>/<time>) holding checkpoints/last.ckpt")
-    checkpoints.check_readable(path)
-    return str(path)

@@ -22,7 +22,8 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from gptexp.models.llmc import LLMC_TENSORS, LlmcFormatError, llmc_tensors, padded_vocab_of, read_model, read_state
+from gptexp.cli import answered_errors, run_command
+from gptexp.models.llmc import LLMC_TENSORS, llmc_tensors, padded_vocab_of, read_model, read_state
 
 
 @dataclass
@@ -108,15 +109,16 @@ def report(checks: list[Check], losses: list[float], failures: list[str]) -> str
 
 @hydra.main(version_base="1.3", config_path="../../conf/tools", config_name="verify")
 def main(cfg: DictConfig) -> None:
-    try:
+    with answered_errors():
+        for key in ("model", "state"):
+            if not Path(cfg[key]).is_file():
+                raise FileNotFoundError(f"{key}={cfg[key]} is not a file; pass llm.c's model .bin as model= and its "
+                                        f"debug state .bin as state= (python -m gptexp.export writes both)")
         checks, losses, failures = verify(cfg.model, cfg.state, cfg.rtol_logits, cfg.rtol_grads, cfg.atol, cfg.steps,
                                           list(cfg.expected_losses) if cfg.expected_losses else None)
-    except (LlmcFormatError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
     print(report(checks, losses, failures))
     sys.exit(1 if failures else 0)
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -1,17 +1,19 @@
 """What makes a resumed run the run that never stopped, and a stopped run resumable: every RNG state and
-the wandb run id travel in the checkpoint; SIGTERM and Ctrl-C end the run after the step under way with
-a checkpoint. (Optimizer, scheduler, scaler, step counters and the data position are Lightning's and
-the data module's to restore.)"""
+the wandb run id travel in the checkpoint; last.ckpt is written on a schedule, and SIGTERM and Ctrl-C end
+the run after the step under way with one. (Optimizer, scheduler, scaler, step counters and the data
+position are Lightning's and the data module's to restore; metrics.csv and samples.md, callbacks.history's.)"""
 
 from __future__ import annotations
 
 import logging
+import os
 import random
 import signal
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 
 log = logging.getLogger(__name__)
@@ -59,35 +61,36 @@ class ResumeState(L.Callback):
             self.pending = None
 
 
-class PeriodicCheckpoint(L.Callback):
-    """Write `path` (the run's last.ckpt) every `every_n_steps` optimizer steps: the point a killed run
-    resumes from. (Lightning's ModelCheckpoint would also write one when training ends, an end-of-epoch
-    state that resumes into a new epoch; this writes only mid-run states.)"""
-
-    def __init__(self, path: str, every_n_steps: int = 200):
-        if every_n_steps <= 0:
-            raise ValueError(f"callbacks.resume_point.every_n_steps must be positive, got {every_n_steps}")
-        self.path, self.every_n_steps = path, every_n_steps
-        self.saved_at = -1
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        step = trainer.global_step  # the same over the micro-batches of gradient accumulation: save once
-        if step % self.every_n_steps == 0 and step != self.saved_at and step < trainer.max_steps:
-            trainer.save_checkpoint(self.path)  # (the last step validates, and the checkpoint callback saves)
-            self.saved_at = step
-
-
 class StopRequested(SystemExit):
     """Raised after the checkpoint of a SIGTERM / Ctrl-C stop is written; exits with 128 + the signal."""
 
 
-class GracefulStop(L.Callback):
-    """On SIGTERM or SIGINT (Ctrl-C), finish the step under way, write `checkpoint_path` (atomically, through
-    the trainer's checkpoint writer) and exit with 128 + the signal number, loggers closed. A second
-    Ctrl-C stops at once. Under SLURM, Lightning's own SIGUSR1 handler checkpoints and requeues the job."""
+def saves_last(trainer: L.Trainer, path: str) -> bool:
+    """Whether a ModelCheckpoint writes `path` as its last checkpoint after each validation."""
+    return any(isinstance(c, ModelCheckpoint) and c.save_last and c.dirpath
+               and os.path.join(c.dirpath, c.CHECKPOINT_NAME_LAST + c.FILE_EXTENSION) == path
+               for c in trainer.callbacks)
 
-    def __init__(self, checkpoint_path: str):
-        self.checkpoint_path = checkpoint_path
+
+class ResumePoint(L.Callback):
+    """Writes `path` (the run's last.ckpt), where a killed or stopped run resumes: every `every_n_steps`
+    optimizer steps (null: never on a schedule), and when SIGTERM or Ctrl-C asks the run to stop, after
+    the step under way; the run then exits with 128 + the signal number, loggers closed (a second
+    Ctrl-C stops at once). Under SLURM, Lightning's own SIGUSR1 handler checkpoints and requeues the job.
+
+    The state is taken at the end of a step and written at the next hook, once Lightning has logged
+    that step's metrics: a checkpoint never precedes history it claims (callbacks.history). A step that
+    validates is saved after its validation instead (by the ModelCheckpoint that writes last.ckpt, or
+    here at a stop without one): resumed from the step before it, Lightning would skip that validation.
+    """
+
+    def __init__(self, path: str, every_n_steps: int | None = 200):
+        if every_n_steps is not None and every_n_steps <= 0:
+            raise ValueError(f"callbacks.resume_point.every_n_steps must be positive or null, got {every_n_steps}")
+        self.path, self.every_n_steps = path, every_n_steps
+        self.pending: dict | None = None  # a state taken, to be written at the next hook
+        self.taken_at = -1
+        self.stopping = self.deferred = False
         self.received: int | None = None
         self.previous: dict[int, object] = {}
 
@@ -95,32 +98,61 @@ class GracefulStop(L.Callback):
         for signum in (signal.SIGTERM, signal.SIGINT):
             self.previous[signum] = signal.signal(signum, self._handle)
 
-    def on_train_end(self, trainer, pl_module) -> None:
-        self._restore_handlers()
-
-    def on_exception(self, trainer, pl_module, exception) -> None:
-        self._restore_handlers()
-
-    def _restore_handlers(self) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-        self.previous = {}
-
     def _handle(self, signum: int, frame) -> None:
         if self.received == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt  # the second Ctrl-C: stop now
         self.received = signum
         log.warning("received %s: stopping after this step with a checkpoint", signal.Signals(signum).name)
 
+    def _restore_handlers(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return  # inside a step's gradient accumulation
         stop = self.received is not None
         if trainer.world_size > 1:  # a signal to one process stops them all, at the same step
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
-        if not stop:
-            return
-        trainer.save_checkpoint(self.checkpoint_path)
-        signum = self.received or signal.SIGTERM
-        name = signal.Signals(signum).name
-        log.warning("stopped by %s after step %d; checkpoint written to %s (resume with ckpt_path=%s)", name,
-                    trainer.global_step, self.checkpoint_path, self.checkpoint_path)
-        raise StopRequested(128 + signum)
+        step = trainer.global_step
+        due = self.every_n_steps and step % self.every_n_steps == 0 and step != self.taken_at
+        if stop or due:
+            self.take(trainer)
+        self.stopping = stop
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.deferred = self.pending is not None or self.stopping  # this step is saved after its validation
+            self.pending = None
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking and self.deferred and not saves_last(trainer, self.path):
+            self.take(trainer)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        self.write(trainer)
+        if self.stopping:
+            signum = self.received or signal.SIGTERM
+            log.warning("stopped by %s after step %d; checkpoint written to %s (run the same command to resume, "
+                        "or pass ckpt_path=%s)", signal.Signals(signum).name, trainer.global_step, self.path,
+                        self.path)
+            raise StopRequested(128 + signum)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.write(trainer)
+        self._restore_handlers()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._restore_handlers()
+
+    def take(self, trainer: L.Trainer) -> None:
+        """The checkpoint trainer.save_checkpoint would write now (all processes take part, as there)."""
+        self.pending = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        self.taken_at = trainer.global_step
+
+    def write(self, trainer: L.Trainer) -> None:
+        if self.pending is not None:
+            checkpoint, self.pending = self.pending, None
+            trainer.strategy.save_checkpoint(checkpoint, self.path)
+            trainer.strategy.barrier("ResumePoint.write")

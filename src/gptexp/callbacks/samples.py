@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from gptexp.data.tokenizers import prompt_ids
 from gptexp.models.generation import check_sampling
+from gptexp.writing import writing
 
 
 class TextSamples(L.Callback):
@@ -61,7 +62,6 @@ class TextSamples(L.Callback):
                 logger.log_text(key="samples", columns=["step", "val_loss", "text"], data=self.rows)
 
     def write(self, step: int, val_loss: float | None, text: str) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         heading = f"## after {step} steps" + ("" if val_loss is None else f" (val/loss {val_loss:.4f})")
-        with open(self.path, "a", encoding="utf-8") as f:
+        with writing(self.path), open(self.path, "a", encoding="utf-8") as f:  # the run directory is not remade
             f.write(f"{heading}\n\n```text\n{text}\n```\n\n")

@@ -12,8 +12,9 @@ from collections import defaultdict
 import lightning as L
 import psutil
 import torch
-from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
+
+from gptexp.checkpoints import ForwardingCheckpointIO
 
 STEP_PHASES = ("data", "forward", "backward", "optimizer")  # in the order they happen
 
@@ -49,25 +50,17 @@ class Clock:
         return 1e3 * (end - start)
 
 
-class TimedCheckpointIO(CheckpointIO):
+class TimedCheckpointIO(ForwardingCheckpointIO):
     """Wraps the strategy's checkpoint writer to time every save."""
 
-    def __init__(self, inner: CheckpointIO, record):
-        self.inner, self.record = inner, record
+    def __init__(self, inner, record):
+        super().__init__(inner)
+        self.record = record
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
         start = time.perf_counter()
-        self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
+        super().save_checkpoint(checkpoint, path, storage_options=storage_options)
         self.record("checkpoint", 1e3 * (time.perf_counter() - start))
-
-    def load_checkpoint(self, path, map_location=None, **kwargs):
-        return self.inner.load_checkpoint(path, map_location=map_location, **kwargs)
-
-    def remove_checkpoint(self, path):
-        self.inner.remove_checkpoint(path)
-
-    def teardown(self):
-        self.inner.teardown()
 
 
 class PhaseTimer(L.Callback):

@@ -1,0 +1,69 @@
+"""Writing a run's files: a write that fails (a full disk, a read-only or vanished directory, an I/O
+error) becomes one WriteError naming the file and the cause, whichever library was writing."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+
+class WriteError(OSError):
+    """A file of the run could not be written; str() names the file and the cause."""
+
+    def __init__(self, path: str | os.PathLike, cause: OSError):
+        super().__init__(cause.errno, cause.strerror or str(cause))
+        self.path, self.cause = Path(path), cause
+
+    def __str__(self) -> str:
+        if self.cause.errno == errno.ENOENT and not self.path.parent.is_dir():
+            reason = f"its directory {self.path.parent} does not exist"
+        else:
+            reason = self.cause.strerror or str(self.cause)
+        return f"cannot write {self.path}: {reason}"
+
+
+def os_error_in(error: BaseException) -> OSError | None:
+    """The OSError in `error`'s chain: torch.save reports a failed write as a RuntimeError raised
+    while the file object's OSError was being handled."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+@contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a failed write inside the block into a WriteError for `path`."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except (OSError, RuntimeError) as error:
+        cause = os_error_in(error)
+        if cause is None:
+            raise
+        raise WriteError(path, cause) from error
+
+
+def replace_atomically(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to a temporary file beside `path`, flush it to disk, and rename it over `path`: a
+    reader (or a crash) sees the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with writing(path):
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise

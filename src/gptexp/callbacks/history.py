@@ -31,7 +31,7 @@ def carry_over(checkpoint_path: str | os.PathLike | None, checkpoint: dict, run_
     had seen: its own directory's files cut back to it, or a new directory's copied from the old one.
     With no checkpoint the run starts from step 0, and what the directory holds is about to be redone.
     Returns a line saying what was kept. A checkpoint without a record keeps the rows of earlier steps."""
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).resolve()
     source = run_dir_of(checkpoint_path) if checkpoint_path else run_dir
     record = checkpoint.get("gptexp_history") if checkpoint_path else {"metrics_rows": 0, "samples_bytes": 0}
     keys, rows = read_metrics(source / METRICS)
@@ -41,12 +41,14 @@ def carry_over(checkpoint_path: str | os.PathLike | None, checkpoint: dict, run_
         rows = [row for row in rows if row.get("step") and int(float(row["step"])) < checkpoint.get("global_step", 0)]
     if keys:
         write_metrics(run_dir / METRICS, keys, rows)
+    elif (run_dir / METRICS).exists():  # the checkpoint saw no metrics: none of this directory's are its
+        (run_dir / METRICS).unlink()
     samples = (source / SAMPLES).read_bytes() if (source / SAMPLES).is_file() else b""
     if record:
         samples = samples[:record["samples_bytes"]]
     if samples or (run_dir / SAMPLES).exists():
         replace_atomically(run_dir / SAMPLES, samples)
-    origin = "" if source == run_dir.resolve() else f" (copied from {source})"
+    origin = "" if source == run_dir else f" (copied from {source})"
     return f"{len(rows)} rows of metrics.csv and {samples.count(b'## after')} samples kept{origin}"
 
 

@@ -51,6 +51,8 @@ TRAIN_CASES = {
     "top_k below 1": (["callbacks.samples.top_k=0"], ["callbacks.samples: top_k must be >= 1"]),
     "top_p above 1": (["callbacks.samples.top_p=1.5"], ["callbacks.samples: top_p must be in (0, 1]"]),
     "unknown nonfinite action": (["on_nonfinite_loss=ignore"], ["on_nonfinite_loss must be 'stop' or 'skip'"]),
+    "fp16 on a CPU": (["trainer.precision=16-mixed"], ["trainer.precision=16-mixed needs a CUDA GPU", "32-true"]),
+    "unknown optimizer": (["optim.name=sgd"], ["optim: name must be one of adamw, muon, got 'sgd'"]),
 }
 
 

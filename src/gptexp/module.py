@@ -1,9 +1,10 @@
-"""The one LightningModule: next-token loss, token-weighted perplexity, AdamW with warm-up + cosine decay."""
+"""The one LightningModule: next-token loss, token-weighted perplexity, the optimizer (gptexp.optim) and its
+warm-up + cosine schedule."""
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass
+import logging
+from dataclasses import asdict, replace
 
 import lightning as L
 import torch
@@ -11,51 +12,9 @@ from torchmetrics import MeanMetric
 
 from gptexp.config import ConfigError
 from gptexp.models import LanguageModel
+from gptexp.optim import OptimConfig, build_optimizer, lr_at, unscales_inside
 
-
-FUSED_ADAMW_DEVICES = ("cpu", "cuda", "mps", "xpu")
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 1e-3  # peak learning rate, reached after warmup_steps
-    min_lr: float = 1e-4  # the cosine decays to this, and stays there
-    weight_decay: float = 0.1  # on matrices and embeddings only, never on biases or norms
-    betas: tuple[float, float] = (0.9, 0.99)
-    eps: float = 1e-8
-    warmup_steps: int = 100
-    decay_steps: int | None = None  # end of the cosine, in optimizer steps; null: trainer.max_steps
-    fused: bool | None = None  # torch's fused AdamW kernel; null: used where torch has it (CPU, CUDA, ...)
-
-    def __post_init__(self):
-        if not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"need 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}; set both, "
-                             f"e.g. optim.lr={self.lr:g} optim.min_lr={self.lr / 10:g}")
-        if self.warmup_steps < 0 or self.weight_decay < 0 or self.eps <= 0:
-            raise ValueError("warmup_steps, weight_decay must be >= 0 and eps > 0")
-        if not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"betas must be in [0, 1), got {self.betas}")
-
-
-def adamw(params: list[torch.Tensor], optim: OptimConfig) -> torch.optim.AdamW:
-    """AdamW as `optim` says, weight decay on matrices and embeddings only."""
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": optim.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    fused = optim.fused
-    if fused is None:  # the fused kernel: one pass per step, 3-4x faster than the per-tensor loop on a CPU
-        fused = all(p.is_floating_point() and p.device.type in FUSED_ADAMW_DEVICES for p in params)
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, fused=fused)
-
-
-def lr_at(step: int, optim: OptimConfig, decay_steps: int) -> float:
-    """Linear warm-up from lr/warmup_steps to lr, cosine decay to min_lr at decay_steps, then min_lr."""
-    if step < optim.warmup_steps:
-        return optim.lr * (step + 1) / optim.warmup_steps
-    if step >= decay_steps:
-        return optim.min_lr
-    progress = (step - optim.warmup_steps) / max(1, decay_steps - optim.warmup_steps)
-    return optim.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (optim.lr - optim.min_lr)
-
+log = logging.getLogger(__name__)
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite and the run was told to stop (on_nonfinite_loss=stop)."""
@@ -134,8 +93,33 @@ class LanguageModelModule(L.LightningModule):
         self.log_dict({"val/loss": loss, "val/ppl": loss.exp()}, prog_bar=True)
         self.log("steps", float(self.trainer.global_step))  # optimizer steps done: 0 before training
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's mixed-precision plugin refuses to clip for an optimizer that unscales inside its step
+        (torch's fused AdamW), even in bf16, where nothing is scaled: clip those gradients with torch here.
+        (In 16-mixed, where they are scaled, configure_optimizers makes AdamW unfused instead.)"""
+        if gradient_clip_val and unscales_inside(optimizer) and getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self):
-        optimizer = adamw([p for p in self.model.parameters() if p.requires_grad], self.optim)
+        optim, trainer = self.optim, self._trainer
+        precision, clipping = (str(trainer.precision), trainer.gradient_clip_val) if trainer else ("32-true", None)
+        if clipping and precision == "16-mixed" and optim.fused is not False:
+            log.info("16-mixed with gradient clipping: AdamW runs unfused (the fused kernel unscales the gradients "
+                     "inside its step, after they must be clipped)")
+            optim = replace(optim, fused=False)
+        if optim.name == "muon" and trainer is not None and "FSDP" in type(trainer.strategy).__name__:
+            raise ConfigError("optim=muon orthogonalises whole weight matrices, which FSDP shards: use trainer=ddp, "
+                              "or optim=adamw with trainer=fsdp")
+        optimizer = build_optimizer(self.model, optim)
+        if clipping and precision == "bf16-mixed" and unscales_inside(optimizer):
+            log.info("bf16-mixed with gradient clipping and the fused AdamW: gradients clipped by torch directly "
+                     "(Lightning's mixed-precision plugin refuses to)")
         decay_steps = self.optim.decay_steps or self.trainer.max_steps
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_at(step, self.optim, decay_steps) / self.optim.lr)

@@ -17,12 +17,13 @@ from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, read_write
 
-from gptexp import checkpoints, data, finetune, models
+from gptexp import checkpoints, data, finetune, models, precision
 from gptexp.callbacks.history import RunHistory, carry_over
 from gptexp.callbacks.resume import ResumePoint, ResumeState
 from gptexp.cli import Fault, answered_errors
 from gptexp.config import ConfigError, build_dataclass
-from gptexp.module import LanguageModelModule, OptimConfig
+from gptexp.module import LanguageModelModule
+from gptexp.optim import OptimConfig
 from gptexp.run_lock import secondary_rank
 from gptexp.writing import WriteError
 
@@ -155,6 +156,9 @@ def build_trainer(cfg: DictConfig, wandb_id: str | None = None) -> L.Trainer:
     steps = trainer_args.get("max_steps", -1)
     if not isinstance(steps, int) or steps <= 0:
         raise ConfigError(f"trainer.max_steps must be a positive number of optimizer steps, got {steps}")
+    trainer_args["precision"], why = precision.resolve(trainer_args.get("precision", "auto"),
+                                                       trainer_args.get("accelerator", "auto"))
+    log.info("precision: %s (%s)", trainer_args["precision"], why)
     if isinstance(trainer_args.get("strategy"), dict):  # a strategy object with arguments (trainer=fsdp)
         trainer_args["strategy"] = instantiate(cfg.trainer.strategy, "trainer.strategy")
     batches = steps * trainer_args.get("accumulate_grad_batches", 1)

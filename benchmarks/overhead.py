@@ -25,7 +25,8 @@ from hydra import compose, initialize_config_dir
 from gptexp import data, models
 from gptexp.config import build_dataclass
 from gptexp.data.windows import RandomBatches, TokenWindows
-from gptexp.module import LanguageModelModule, OptimConfig, adamw, lr_at
+from gptexp.module import LanguageModelModule
+from gptexp.optim import OptimConfig, adamw, lr_at
 from gptexp.train import build_trainer
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from gptexp import finetune
 from gptexp.config import ConfigError
 from gptexp.models import GPT2, GPT2Config, Llama
-from gptexp.module import LanguageModelModule, OptimConfig
+from gptexp.optim import OptimConfig, build_optimizer
 from test_llama_parity import VOCAB, batch, gptexp_copy, hf_reference
 
 LORA = {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "down_proj"]}
@@ -32,9 +32,7 @@ def test_only_adapters_train_and_reach_the_optimizer(adapted):
     _, model = adapted
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
-    module = LanguageModelModule(model, OptimConfig())
-    module.trainer = type("Trainer", (), {"max_steps": 10})()
-    optimizer = module.configure_optimizers()["optimizer"]
+    optimizer = build_optimizer(model, OptimConfig())
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert in_optimizer == {id(p) for p in model.parameters() if p.requires_grad}
     assert len(trainable) == 2 * 3 * 2  # A and B, for 3 targets, in 2 layers

@@ -5,7 +5,8 @@ import torch
 
 from gptexp.config import ConfigError, build_dataclass
 from gptexp.models import GPT2, GPT2Config
-from gptexp.module import LanguageModelModule, OptimConfig, lr_at
+from gptexp.module import LanguageModelModule
+from gptexp.optim import OptimConfig, build_optimizer, lr_at
 
 
 def tiny_module(**optim) -> LanguageModelModule:
@@ -42,9 +43,8 @@ def test_schedule_warms_up_then_decays_to_min_lr():
 
 
 def test_weight_decay_only_on_matrices():
-    module = tiny_module(weight_decay=0.1)
-    module.trainer = type("T", (), {"max_steps": 100})()
-    optimizer = module.configure_optimizers()["optimizer"]
+    module = tiny_module()
+    optimizer = build_optimizer(module.model, OptimConfig(weight_decay=0.1))
     decay, no_decay = optimizer.param_groups
     assert decay["weight_decay"] == 0.1 and all(p.dim() == 2 for p in decay["params"])
     assert no_decay["weight_decay"] == 0.0 and all(p.dim() == 1 for p in no_decay["params"])

@@ -15,24 +15,27 @@ from training import checkpoint_at_least, column, launch, metrics, saved_step, t
 
 from gptexp import checkpoints, data, models
 from gptexp.callbacks import ResumePoint, ResumeState
-from gptexp.module import LanguageModelModule, NonFiniteLossError, OptimConfig
+from gptexp.module import LanguageModelModule, NonFiniteLossError
+from gptexp.optim import OptimConfig
 
 # long enough to be killed between two checkpoints; dropout makes the torch RNG state matter
 LONG = ["trainer.max_steps=150", "optim.decay_steps=150", "trainer.val_check_interval=75", "trainer.log_every_n_steps=1",
         "model.dropout=0.1", "callbacks.resume_point.every_n_steps=20", "callbacks.samples.at_steps=[10]"]
-FINETUNES = {"full": [], "lora": ["finetune=lora", "finetune.r=4"]}
+# full training, LoRA, Muon and bf16-mixed each resume exactly
+VARIANTS = {"full": [], "lora": ["finetune=lora", "finetune.r=4"], "muon": ["optim=muon"],
+            "bf16-mixed": ["trainer.precision=bf16-mixed"]}
 
 
 def losses(run_dir: Path) -> dict[int, float]:
     return dict(column(metrics(run_dir), "train/loss"))
 
 
-@pytest.mark.parametrize("finetune", FINETUNES)
-def test_a_run_killed_at_any_step_resumes_exactly(finetune, tmp_path):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_run_killed_at_any_step_resumes_exactly(variant, tmp_path):
     """SIGKILL between two checkpoints, then a resume into a new directory: its metrics.csv holds every step
     once (the old run's up to the checkpoint, copied in, then its own), with the uninterrupted run's losses
     (1e-6), and the wandb run goes on under the same id."""
-    args = [*LONG, *FINETUNES[finetune]]
+    args = [*LONG, *VARIANTS[variant]]
     reference = train(*args, "logger=csv", run_dir=tmp_path / "reference")
     assert reference.returncode == 0, reference.stderr[-3000:]
 
@@ -55,7 +58,7 @@ def test_a_run_killed_at_any_step_resumes_exactly(finetune, tmp_path):
     assert steps == list(range(150))  # every step once, in order: copied up to the checkpoint, then trained here
     for step, loss in got.items():
         assert loss == pytest.approx(expected[step], abs=1e-6), step
-    if finetune == "full":
+    if variant == "full":
         ids = [{p.name.rsplit("-", 1)[1] for p in (tmp_path / run / "wandb").glob("offline-run-*")}
                for run in ("killed", "resumed")]
         assert len(ids[0]) == 1 and ids[0] == ids[1]

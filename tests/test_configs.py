@@ -86,16 +86,18 @@ def test_a_model_brings_its_recipe_and_everything_else_overrides_it(tmp_path):
     line and `~recipe` all win over it; a model without a recipe keeps the shared defaults."""
     default = composed(output_dir=tmp_path)
     assert (default.model.n_layer, default.data.batch_size, default.optim.lr, default.trainer.max_steps) == (
-        1, 32, 4e-3, 800)
+        4, 32, 2e-3, 600)
+    assert (default.optim.name, default.optim.muon_lr, default.trainer.precision) == ("muon", 0.02, "auto")
     assert default.trainer.val_check_interval == default.trainer.max_steps  # one validation, at the end
     shared = composed("~recipe", output_dir=tmp_path)
-    assert (shared.optim.lr, shared.trainer.max_steps) == (1e-3, 2000)
+    assert (shared.optim.name, shared.optim.lr, shared.trainer.max_steps) == ("adamw", 1e-3, 2000)
     gpt2 = composed("model=gpt2", output_dir=tmp_path)
     assert (gpt2.optim.lr, gpt2.trainer.max_steps) == (shared.optim.lr, shared.trainer.max_steps)
     lora = composed("finetune=lora", output_dir=tmp_path)
-    assert (lora.optim.lr, lora.trainer.max_steps) == (1e-3, 200)
+    assert (lora.optim.name, lora.optim.lr, lora.trainer.max_steps) == ("adamw", 1e-3, 200)
     pinned = composed("experiment=minigpt_shakespeare", output_dir=tmp_path)
-    assert (pinned.optim.lr, pinned.trainer.max_steps, pinned.trainer.val_check_interval) == (1e-3, 2000, 500)
+    assert (pinned.optim.name, pinned.optim.lr, pinned.trainer.max_steps) == ("adamw", 1e-3, 2000)
+    assert pinned.trainer.val_check_interval == 500
     assert (pinned.model.n_layer, pinned.data.batch_size) == (4, 12)  # nanoGPT's shape and batch
     told = composed("optim.lr=5e-4", "trainer.max_steps=10", output_dir=tmp_path)
     assert (told.optim.lr, told.trainer.max_steps, told.trainer.val_check_interval) == (5e-4, 10, 10)

@@ -3,9 +3,11 @@
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
-from training import column, metrics, train
+from training import ROOT, column, metrics, train
 
 from gptexp import precision
 from gptexp.config import ConfigError
@@ -96,3 +98,15 @@ def test_ddp_trains_in_bf16_mixed(tmp_path):
                    "logger=csv", run_dir=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(column(metrics(tmp_path), "val/loss")) == 1
+
+
+@pytest.mark.parametrize("picked, expected", [([], "Muon for the hidden matrices, AdamW for the rest"),
+                                              (["optim=adamw"], "AdamW"), (["optim=muon"], "Muon for the hidden")])
+def test_the_default_recipe_trains_with_muon_unless_the_command_line_picks_adamw(picked, expected, tmp_path):
+    """The miniGPT's recipe names Muon (optim.name); optim=adamw on the command line wins over it."""
+    result = subprocess.run([sys.executable, "train.py", "model.n_layer=1", "model.n_embd=32", "model.block_size=32",
+                             "trainer.max_steps=2", "trainer.precision=32-true", "callbacks.samples.max_new_tokens=4",
+                             "logger=csv", *picked, f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"optimizer: {expected}" in result.stdout

@@ -22,7 +22,7 @@ from gptexp.optim import OptimConfig
 LONG = ["trainer.max_steps=150", "optim.decay_steps=150", "trainer.val_check_interval=75", "trainer.log_every_n_steps=1",
         "model.dropout=0.1", "callbacks.resume_point.every_n_steps=20", "callbacks.samples.at_steps=[10]"]
 # full training, LoRA, Muon and bf16-mixed each resume exactly
-VARIANTS = {"full": [], "lora": ["finetune=lora", "finetune.r=4"], "muon": ["optim=muon"],
+VARIANTS = {"full": [], "lora": ["finetune=lora", "finetune.r=4"], "muon": ["optim.name=muon"],
             "bf16-mixed": ["trainer.precision=bf16-mixed"]}
 
 

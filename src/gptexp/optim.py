@@ -110,9 +110,9 @@ class MuonWithAdamW(torch.optim.Optimizer):
 def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
     """The optimizer `optim` names, over the model's trainable parameters."""
     params = [p for p in model.parameters() if p.requires_grad]
-    if optim.name == "adamw":
-        return adamw(params, optim)
     matrices = hidden_matrices(model)
+    if optim.name == "adamw" or not matrices:  # LoRA trains no hidden matrix: AdamW for the adapters
+        return adamw(params, optim)
     chosen = {id(p) for p in matrices}
     muon = torch.optim.Muon(matrices, lr=optim.muon_lr, weight_decay=optim.muon_weight_decay,
                             momentum=optim.muon_momentum, adjust_lr_fn=optim.muon_adjust_lr)

@@ -21,7 +21,7 @@ from gptexp import checkpoints, data, finetune, models, precision
 from gptexp.callbacks.history import RunHistory, carry_over
 from gptexp.callbacks.resume import ResumePoint, ResumeState
 from gptexp.cli import Fault, answered_errors
-from gptexp.config import ConfigError, build_dataclass
+from gptexp.config import ConfigError, build_dataclass, plain
 from gptexp.module import LanguageModelModule
 from gptexp.optim import OptimConfig
 from gptexp.run_lock import secondary_rank
@@ -96,7 +96,9 @@ def run(cfg: DictConfig) -> float | None:
     datamodule = data.build(source, model.context_length, seed=cfg.seed)
     datamodule.prepare_data()
     datamodule.setup("fit")  # data errors (too short for a window, bad shards) before any output is written
-    module = LanguageModelModule(model, build_dataclass(OptimConfig, cfg.optim, "optim"), cfg.on_nonfinite_loss)
+    optim = optimizer_config(cfg)
+    log.info("optimizer: %s", "Muon for the hidden matrices, AdamW for the rest" if optim.name == "muon" else "AdamW")
+    module = LanguageModelModule(model, optim, cfg.on_nonfinite_loss)
     resumed = checkpoint_of(ckpt_path, module)
     if not secondary_rank():  # rank 0 writes the history, and holds the directory's lock
         if partial := checkpoints.remove_partial_writes(Path(cfg.output_dir) / "checkpoints"):
@@ -119,6 +121,17 @@ def run(cfg: DictConfig) -> float | None:
     if best is None:
         best = trainer.callback_metrics.get("val/loss")
     return None if best is None else float(best)
+
+
+def optimizer_config(cfg: DictConfig) -> OptimConfig:
+    """cfg.optim, checked; an optimizer picked on the command line (optim=adamw) wins over the one a model's
+    recipe names (optim.name), as every other command-line choice does."""
+    values = plain(cfg.optim)
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    picked = [o.split("=", 1)[1] for o in overrides if o.startswith("optim=")]
+    if picked and not any(o.startswith("optim.name=") for o in overrides):
+        values["name"] = picked[-1]
+    return build_dataclass(OptimConfig, values, "optim")
 
 
 def own_checkpoint(run_dir: Path) -> str | None:

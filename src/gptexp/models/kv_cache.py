@@ -41,6 +41,13 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, offse
     gqa = k.size(1) != q.size(1)
     t_q, t_k = q.size(2), k.size(2)
     if offset == 0 and t_q == t_k:
+        if q.dtype == torch.bfloat16 and q.device.type == "cpu" and torch.is_grad_enabled():
+            # the CPU's flash-attention backward takes 2.1x as long in bf16 as in float32 (docs/benchmarks.md):
+            # train it in float32, out of autocast's reach
+            with torch.autocast("cpu", enabled=False):
+                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout_p,
+                                                   is_causal=True, enable_gqa=gqa)
+            return y.to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa)
     if t_q == 1:  # one new token sees every cached position
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, enable_gqa=gqa)

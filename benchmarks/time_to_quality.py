@@ -87,7 +87,7 @@ def whole_split_loss(nanogpt: Path, out_dir: Path) -> float:
     with torch.no_grad():
         for start in range(0, len(offsets), 256):
             windows = torch.from_numpy(tokens[offsets[start:start + 256, None] + np.arange(block + 1)])
-            x, y = windows[:, :-1], windows[:, 1:]
+            x, y = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()  # nanoGPT views the targets flat
             logits, _ = model(x, y)  # with targets, nanoGPT returns the logits of every position
             total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
             count += y.numel()

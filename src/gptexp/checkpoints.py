@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
 
-from gptexp.writing import writing
+from gptexp.writing import write_atomically, writing
 
 
 class CheckpointError(RuntimeError):
@@ -24,20 +24,9 @@ def save_atomically(checkpoint: dict, path: str | os.PathLike) -> None:
     """torch.save to a temporary file in the target's directory, flushed to disk, then renamed over it.
     A failed write raises WriteError naming `path`; the file that was there stays whole."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with writing(path):
         path.parent.mkdir(exist_ok=True)  # the checkpoints folder; a vanished run directory is not remade
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # permissions as the umask says
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+    write_atomically(path, lambda f: torch.save(checkpoint, f))
 
 
 def check_readable(path: str | os.PathLike) -> None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import BinaryIO
 
 
 class WriteError(OSError):
@@ -51,15 +52,16 @@ def writing(path: str | os.PathLike) -> Iterator[None]:
         raise WriteError(path, cause) from error
 
 
-def replace_atomically(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, flush it to disk, and rename it over `path`: a
-    reader (or a crash) sees the old file or the new one, never half of one."""
+def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
+    """Write a file by `write(f)` into a temporary file beside `path`, flush it to disk and rename it over
+    `path`: a reader (or a crash) sees the old file or the new one, never half of one. A failed write raises
+    WriteError naming `path`, and the temporary file is removed."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with writing(path):
         try:
             with open(tmp, "wb") as f:
-                f.write(data)
+                write(f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -67,3 +69,8 @@ def replace_atomically(path: str | os.PathLike, data: bytes) -> None:
             with suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
+
+
+def replace_atomically(path: str | os.PathLike, data: bytes) -> None:
+    """Replace `path` by a file holding `data`, atomically (write_atomically)."""
+    write_atomically(path, lambda f: f.write(data))

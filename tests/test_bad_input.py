@@ -173,7 +173,7 @@ COMMAND_CASES = {
     "bench: unknown preset": ("bench", ["preset=nope"], ["Could not find 'preset/nope'", "cpu, gpu, smoke"]),
     "bench: unknown implementation": ("bench", ["impls=[gptexp,vllm]"], ["impls=['gptexp', 'vllm']: choose from"]),
     "bench: unknown device": ("bench", ["device=tpu"], ["device='tpu': choose auto, cpu or cuda"]),
-    "bench: unknown precision": ("bench", ["precision=fp8"], ["precision='fp8': choose fp32 or bf16"]),
+    "bench: unknown precision": ("bench", ["precision=fp8"], ["precision=['fp8']: choose fp32 and/or bf16"]),
     "bench: no repeats": ("bench", ["repeats=0"], ["repeats must be an integer >= 1, got 0"]),
 }
 

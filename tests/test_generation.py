@@ -58,15 +58,17 @@ def test_model_config_errors_name_the_fix():
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
-@pytest.mark.parametrize("rows", [1, 2])  # one row: the weights in place; more: copies in oneDNN's layout
-def test_onednn_linears_give_the_same_logits_and_are_removed_afterwards(rows):
-    model = GPT2(GPT2Config(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32)).eval()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2])  # float32's one row: the weights in place; else copies in oneDNN's layout
+def test_onednn_linears_give_the_same_logits_and_are_removed_afterwards(rows, dtype):
+    model = GPT2(GPT2Config(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32)).eval().to(dtype)
     x = torch.randint(0, 50, (rows, 16))
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the products' own rounding, summed in float32
     with torch.inference_mode():
         plain = model(x)[0]
         with onednn_linears(model, batch=rows, min_bytes=0) as used:
             assert used
-            assert torch.allclose(model(x)[0], plain, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(model(x)[0], plain, rtol=tolerance, atol=tolerance)
         with pytest.raises(RuntimeError, match="inside"), onednn_linears(model, batch=rows, min_bytes=0):
             raise RuntimeError("inside")
     assert not any("forward" in vars(m) for m in model.modules())  # the plain forward is back, even after an error
@@ -75,11 +77,13 @@ def test_onednn_linears_give_the_same_logits_and_are_removed_afterwards(rows):
 
 
 @pytest.mark.filterwarnings("ignore:TF32 acceleration")  # torch.backends.mkldnn.flags warns on CPU builds
-@pytest.mark.parametrize("change", ["bf16", "compiled", "onednn_off"])
+@pytest.mark.parametrize("change", ["fp16", "mixed_dtypes", "compiled", "onednn_off"])
 def test_onednn_linears_leave_other_models_alone(change):
     model = GPT2(GPT2Config(block_size=16, vocab_size=50, n_layer=1, n_head=2, n_embd=16)).eval()
-    if change == "bf16":
-        model.to(torch.bfloat16)
+    if change == "fp16":
+        model.to(torch.float16)
+    if change == "mixed_dtypes":
+        model.transformer.h[0].mlp.to(torch.bfloat16)
     if change == "compiled":
         model.compile()
     with torch.backends.mkldnn.flags(enabled=change != "onednn_off"), onednn_linears(model, 1, min_bytes=0) as packed:

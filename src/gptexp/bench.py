@@ -1,18 +1,21 @@
 """Benchmark gptexp's models against HF transformers' at the same configs.
 
-    python -m gptexp.bench [preset=smoke|cpu|gpu] [device=cuda precision=bf16 compile=true ...]
+    python -m gptexp.bench [preset=smoke|cpu|gpu] [precision=[fp32,bf16]] [device=cuda compile=true ...]
 
-Training cases time forward + backward + AdamW step and report tokens/s, MFU and peak memory;
-generation cases report new tokens/s (greedy) with and without the KV cache; finetuning cases
-compare full training with LoRA (and activation checkpointing) in step time and memory. Implementations
-run interleaved, one repeat of each in turn, so machine noise hits both alike; numbers are
-medians after warm-up. Writes bench.csv (one row per implementation x case) and bench.png into
-the run directory, and prints each case's gptexp / hf ratio.
+Training cases time forward + backward + AdamW step and report tokens/s, MFU (against the peak of the
+precision in use) and peak memory; generation cases report new tokens/s (greedy) with and without the KV
+cache, beside the bound of reading every weight once per token; finetuning cases compare full training
+with LoRA (and activation checkpointing) in step time and memory. Each case runs in every precision asked
+for (fp32, and bf16: autocast for training, bf16 weights for generation, for both implementations alike).
+Implementations run interleaved, one repeat of each in turn, so machine noise hits both alike; numbers are
+medians after warm-up. Writes bench.csv (one row per implementation x precision x case) and bench.png into
+the run directory, and prints each case's gptexp / hf ratio, and bf16 decoding against HF's fp32.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import itertools
 import logging
@@ -35,6 +38,8 @@ from gptexp.models import GPT2, GPT2Config, Llama, LlamaConfig
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 IMPLS = ("gptexp", "hf")
+SHOWN = ["kind", "case", "impl", "precision", "batch", "seq_len", "kv_cache", "method", "activation_checkpointing",
+         "step_ms", "ms_per_token", "tokens_per_s", "mfu", "bandwidth_bound_tokens_per_s", "peak_memory_mb"]
 
 
 def build_model(impl: str, dims: dict, context: int, device: torch.device) -> torch.nn.Module:
@@ -92,7 +97,7 @@ class TrainRun:
     what trains, a fixed random batch."""
 
     def __init__(self, impl: str, dims: dict, batch: int, seq_len: int, cfg: DictConfig, device: torch.device,
-                 method: str = "full", activation_checkpointing: bool = False):
+                 precision: str, method: str = "full", activation_checkpointing: bool = False):
         torch.manual_seed(0)
         self.impl, self.device = impl, device
         self.model = build_model(impl, dims, seq_len, device)
@@ -107,7 +112,7 @@ class TrainRun:
         self.optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
         tokens = torch.randint(0, dims["vocab_size"], (batch, seq_len + 1), device=device)
         self.x, self.y = tokens[:, :-1], tokens[:, 1:]
-        dtype = DTYPES[cfg.precision]
+        dtype = DTYPES[precision]
         self.autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
                          else contextlib.nullcontext())
 
@@ -132,7 +137,8 @@ class TrainRun:
 
 
 def peak_memory(impl: str, dims: dict, batch: int, seq_len: int, cfg: DictConfig, device: torch.device,
-                method: str = "full", activation_checkpointing: bool = False, run: TrainRun | None = None) -> float:
+                precision: str, method: str = "full", activation_checkpointing: bool = False,
+                run: TrainRun | None = None) -> float:
     """Peak memory of a steady-state training step: weights, gradients, optimizer state and activations.
     CUDA: the allocator's peak. CPU: a process keeps resident what it once allocated, so each measurement
     runs in a fresh process, as its peak resident set above the process's size before the model."""
@@ -140,14 +146,14 @@ def peak_memory(impl: str, dims: dict, batch: int, seq_len: int, cfg: DictConfig
         return float("nan")
     if device.type == "cuda":  # the allocator counts exactly in any process: reuse the run when given one
         torch.cuda.empty_cache()
-        run = run or TrainRun(impl, dims, batch, seq_len, cfg, device, method, activation_checkpointing)
+        run = run or TrainRun(impl, dims, batch, seq_len, cfg, device, precision, method, activation_checkpointing)
         run.step()
         return run.peak_memory()
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(max_workers=1, mp_context=_fresh_processes()) as pool:
-        return pool.submit(_fresh_process_peak, impl, dims, batch, seq_len, OmegaConf.to_container(cfg), method,
-                           activation_checkpointing).result()
+        return pool.submit(_fresh_process_peak, impl, dims, batch, seq_len, OmegaConf.to_container(cfg), precision,
+                           method, activation_checkpointing).result()
 
 
 @functools.cache
@@ -161,7 +167,7 @@ def _fresh_processes():
     return context
 
 
-def _fresh_process_peak(impl, dims, batch, seq_len, cfg, method, activation_checkpointing) -> float:
+def _fresh_process_peak(impl, dims, batch, seq_len, cfg, precision, method, activation_checkpointing) -> float:
     """Peak resident bytes of a training step above the process's own (every library imported first,
     so implementations start level)."""
     import peft  # noqa: F401
@@ -169,7 +175,7 @@ def _fresh_process_peak(impl, dims, batch, seq_len, cfg, method, activation_chec
 
     torch.set_num_threads(cfg["threads"])
     baseline = resident_bytes()
-    run = TrainRun(impl, dims, batch, seq_len, OmegaConf.create(cfg), torch.device("cpu"), method,
+    run = TrainRun(impl, dims, batch, seq_len, OmegaConf.create(cfg), torch.device("cpu"), precision, method,
                    activation_checkpointing)
     run.step()
     return run.peak_memory() - baseline
@@ -186,21 +192,20 @@ def interleaved_medians(runs: dict, cfg: DictConfig) -> dict[str, float]:
     return {key: statistics.median(t) for key, t in times.items()}
 
 
-def bench_training(name: str, case: DictConfig, cfg: DictConfig, device: torch.device) -> list[dict]:
+def bench_training(name: str, case: DictConfig, cfg: DictConfig, device: torch.device, peaks: dict) -> list[dict]:
     dims = OmegaConf.to_container(case.model)
     rows = []
-    for batch, seq_len in itertools.product(case.batch, case.seq_len):
-        runs = {impl: TrainRun(impl, dims, batch, seq_len, cfg, device) for impl in cfg.impls}
+    for batch, seq_len, precision in itertools.product(case.batch, case.seq_len, cfg.precision):
+        runs = {impl: TrainRun(impl, dims, batch, seq_len, cfg, device, precision) for impl in cfg.impls}
         medians = interleaved_medians(runs, cfg)
-        peak, _ = peak_flops(device, DTYPES[cfg.precision])
         flops = flops_per_token(dims, seq_len)
         del runs  # memory is measured with one model alive at a time
-        memory = {impl: peak_memory(impl, dims, batch, seq_len, cfg, device) for impl in cfg.impls}
+        memory = {impl: peak_memory(impl, dims, batch, seq_len, cfg, device, precision) for impl in cfg.impls}
         for impl in cfg.impls:
             tokens_per_s = batch * seq_len / medians[impl]
-            rows.append(dict(kind="train", case=name, impl=impl, batch=batch, seq_len=seq_len, **dims,
-                             step_ms=1e3 * medians[impl], tokens_per_s=tokens_per_s, mfu=flops * tokens_per_s / peak,
-                             peak_memory_mb=memory[impl] / 2**20))
+            rows.append(dict(kind="train", case=name, impl=impl, precision=precision, batch=batch, seq_len=seq_len,
+                             **dims, step_ms=1e3 * medians[impl], tokens_per_s=tokens_per_s,
+                             mfu=flops * tokens_per_s / peaks[precision], peak_memory_mb=memory[impl] / 2**20))
         log.info("%s", ratios_text(rows[-len(cfg.impls):]))
     return rows
 
@@ -209,62 +214,69 @@ def bench_finetuning(name: str, case: DictConfig, cfg: DictConfig, device: torch
     """gptexp alone: step time and peak memory per finetuning method and activation-checkpointing setting."""
     dims = OmegaConf.to_container(case.model)
     rows = []
-    for batch, seq_len in itertools.product(case.batch, case.seq_len):
+    for batch, seq_len, precision in itertools.product(case.batch, case.seq_len, cfg.precision):
         for method, checkpointing in itertools.product(case.methods, case.activation_checkpointing):
-            run = TrainRun("gptexp", dims, batch, seq_len, cfg, device, method, checkpointing)
+            run = TrainRun("gptexp", dims, batch, seq_len, cfg, device, precision, method, checkpointing)
             seconds = interleaved_medians({method: run}, cfg)[method]
             trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
-            memory = peak_memory("gptexp", dims, batch, seq_len, cfg, device, method, checkpointing, run=run)
+            memory = peak_memory("gptexp", dims, batch, seq_len, cfg, device, precision, method, checkpointing,
+                                 run=run)
             del run
-            rows.append(dict(kind="finetune", case=name, impl="gptexp", method=method,
+            rows.append(dict(kind="finetune", case=name, impl="gptexp", precision=precision, method=method,
                              activation_checkpointing=checkpointing, batch=batch, seq_len=seq_len, **dims,
                              trainable_params=trainable, step_ms=1e3 * seconds, tokens_per_s=batch * seq_len / seconds,
                              peak_memory_mb=memory / 2**20))
-            log.info("%s %s activation_checkpointing=%s: %.0f ms/step, peak memory %.0f MiB", name, method,
-                     checkpointing, rows[-1]["step_ms"], rows[-1]["peak_memory_mb"])
+            log.info("%s %s %s activation_checkpointing=%s: %.0f ms/step, peak memory %.0f MiB", name, precision,
+                     method, checkpointing, rows[-1]["step_ms"], rows[-1]["peak_memory_mb"])
     return rows
 
 
 def bench_generation(name: str, case: DictConfig, cfg: DictConfig, device: torch.device) -> list[dict]:
+    """Greedy decoding; in each precision both implementations hold the same weights (bf16: the float32
+    weights rounded)."""
     dims = OmegaConf.to_container(case.model)
-    dtype = DTYPES[cfg.precision]
     rows = []
     context = case.prompt + case.new_tokens
-    models = {impl: build_model(impl, dims, context, device).to(dtype).eval() for impl in cfg.impls}
+    built = {impl: build_model(impl, dims, context, device).eval() for impl in cfg.impls}
     # every weight is read once per decoding step: on a CPU, the fastest a step can be is bytes / bandwidth
-    weight_bytes = sum(p.nbytes for p in next(iter(models.values())).parameters())
     bandwidth = measured_cpu_memory_bandwidth() if device.type == "cpu" else float("nan")
-    for batch, use_cache in itertools.product(case.batch, case.kv_cache):
-        prompt = torch.randint(0, dims["vocab_size"], (batch, case.prompt), device=device)
-
-        def decode(impl):
-            synchronize(device)
-            start = time.perf_counter()
-            with torch.inference_mode():
-                if impl == "gptexp":
-                    out = models[impl].generate(prompt, case.new_tokens, temperature=0, use_cache=use_cache)
-                else:
-                    out = models[impl].generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                                                max_new_tokens=case.new_tokens, min_new_tokens=case.new_tokens,
-                                                use_cache=use_cache, pad_token_id=0)
-            synchronize(device)
-            assert out.shape == (batch, context)
-            return time.perf_counter() - start
-
-        times = {impl: [] for impl in models}
-        for i in range(cfg.warmup + cfg.repeats):
+    for precision in cfg.precision:
+        models = {impl: copy.deepcopy(model).to(DTYPES[precision]) for impl, model in built.items()}
+        weight_bytes = sum(p.nbytes for p in next(iter(models.values())).parameters())
+        for batch, use_cache in itertools.product(case.batch, case.kv_cache):
+            prompt = torch.randint(0, dims["vocab_size"], (batch, case.prompt), device=device)
+            times = {impl: [] for impl in models}
+            for i in range(cfg.warmup + cfg.repeats):
+                for impl, model in models.items():
+                    seconds = decoding_seconds(impl, model, prompt, case.new_tokens, use_cache)
+                    if i >= cfg.warmup:
+                        times[impl].append(seconds)
             for impl in models:
-                seconds = decode(impl)
-                if i >= cfg.warmup:
-                    times[impl].append(seconds)
-        for impl in models:
-            seconds = statistics.median(times[impl])
-            rows.append(dict(kind="generate", case=name, impl=impl, batch=batch, seq_len=context, **dims,
-                             kv_cache=use_cache, prompt=case.prompt, new_tokens=case.new_tokens,
-                             tokens_per_s=batch * case.new_tokens / seconds, ms_per_token=1e3 * seconds / case.new_tokens,
-                             bandwidth_bound_tokens_per_s=batch * bandwidth / weight_bytes))
-        log.info("%s", ratios_text(rows[-len(models):]))
+                seconds = statistics.median(times[impl])
+                rows.append(dict(kind="generate", case=name, impl=impl, precision=precision, batch=batch,
+                                 seq_len=context, **dims, kv_cache=use_cache, prompt=case.prompt,
+                                 new_tokens=case.new_tokens, tokens_per_s=batch * case.new_tokens / seconds,
+                                 ms_per_token=1e3 * seconds / case.new_tokens,
+                                 bandwidth_bound_tokens_per_s=batch * bandwidth / weight_bytes))
+            log.info("%s", ratios_text(rows[-len(models):]))
+        del models
     return rows
+
+
+def decoding_seconds(impl: str, model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int,
+                     use_cache: bool) -> float:
+    synchronize(prompt.device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        if impl == "gptexp":
+            out = model.generate(prompt, new_tokens, temperature=0, use_cache=use_cache)
+        else:
+            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                 max_new_tokens=new_tokens, min_new_tokens=new_tokens, use_cache=use_cache,
+                                 pad_token_id=0)
+    synchronize(prompt.device)
+    assert out.shape == (prompt.size(0), prompt.size(1) + new_tokens)
+    return time.perf_counter() - start
 
 
 def ratios_text(rows: list[dict]) -> str:
@@ -274,8 +286,8 @@ def ratios_text(rows: list[dict]) -> str:
 
 
 def ratios(table) -> str:
-    """Each case's gptexp / hf tokens/s, as text lines."""
-    keys = ["kind", "case", "batch", "seq_len"] + (["kv_cache"] if "kv_cache" in table else [])
+    """Each case's gptexp / hf tokens/s, as text lines; for decoding, gptexp's bf16 against HF's fp32 too."""
+    keys = ["kind", "case", "precision", "batch", "seq_len"] + (["kv_cache"] if "kv_cache" in table else [])
     lines = []
     for key, group in table.groupby(keys, dropna=False):
         speeds = dict(zip(group["impl"], group["tokens_per_s"]))
@@ -283,6 +295,13 @@ def ratios(table) -> str:
             label = " ".join(f"{k}={v}" for k, v in zip(keys, key) if v == v)
             lines.append(f"{label}: gptexp {speeds['gptexp']:,.0f} tok/s, hf {speeds['hf']:,.0f} tok/s, "
                          f"ratio {speeds['gptexp'] / speeds['hf']:.2f}")
+    decoding = table[table["kind"] == "generate"] if "kind" in table else table.iloc[:0]
+    for key, group in decoding.groupby([k for k in keys if k != "precision"], dropna=False):
+        speeds = dict(zip(zip(group["impl"], group["precision"]), group["tokens_per_s"]))
+        if {("gptexp", "bf16"), ("hf", "fp32")} <= speeds.keys():
+            label = " ".join(f"{k}={v}" for k, v in zip([k for k in keys if k != "precision"], key) if v == v)
+            lines.append(f"{label}: gptexp bf16 {speeds['gptexp', 'bf16']:,.0f} tok/s against hf fp32 "
+                         f"{speeds['hf', 'fp32']:,.0f} tok/s, ratio {speeds['gptexp', 'bf16'] / speeds['hf', 'fp32']:.2f}")
     return "\n".join(lines)
 
 
@@ -292,7 +311,7 @@ def plot(table, path: Path) -> None:
     def label(row) -> str:
         extra = {"generate": f" cache={row.get('kv_cache')}",
                  "finetune": f" {row.get('method')}{' +ckpt' if row.get('activation_checkpointing') is True else ''}"}
-        return f"{row['case']} B{row['batch']} T{row['seq_len']}" + extra.get(row["kind"], "")
+        return f"{row['case']} {row['precision']} B{row['batch']} T{row['seq_len']}" + extra.get(row["kind"], "")
 
     table = table.assign(label=table.apply(label, axis=1))
     figure = (ggplot(table, aes("label", "tokens_per_s", fill="impl")) + geom_col(position=position_dodge())
@@ -307,23 +326,25 @@ def run(cfg: DictConfig):
                           "cpu" if cfg.device == "auto" else cfg.device)
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
     cfg.threads = torch.get_num_threads()
-    peak, source = peak_flops(device, DTYPES[cfg.precision])  # first, on a quiet process
-    log.info("peak %.0f GFLOP/s (%s)", peak / 1e9, source)
+    peaks = {}
+    for precision in cfg.precision:  # first, on a quiet process
+        peaks[precision], source = peak_flops(device, DTYPES[precision])
+        log.info("%s peak %.0f GFLOP/s (%s)", precision, peaks[precision] / 1e9, source)
     rows = []
     for name, case in (cfg.preset.get("train") or {}).items():
-        rows += bench_training(name, case, cfg, device)
+        rows += bench_training(name, case, cfg, device, peaks)
     for name, case in (cfg.preset.get("generate") or {}).items():
         rows += bench_generation(name, case, cfg, device)
     for name, case in (cfg.preset.get("finetune") or {}).items():
         rows += bench_finetuning(name, case, cfg, device)
     table = pd.DataFrame(rows).assign(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                                      precision=cfg.precision, compile=cfg.compile, torch=torch.__version__,
-                                      threads=torch.get_num_threads())
+                                      compile=cfg.compile, torch=torch.__version__, threads=torch.get_num_threads())
+    table = table.assign(peak_flops=table["precision"].map(peaks))
     out = Path(cfg.output_dir)
     table.to_csv(out / "bench.csv", index=False)
     plot(table, out / "bench.png")
-    table = table.assign(peak_flops=peak, peak_source=source)
-    print(table.to_string(index=False, float_format="%.4g"))
+    shown = [c for c in SHOWN if c in table and table[c].notna().any()]
+    print(table[shown].to_string(index=False, float_format="%.4g", na_rep=""))
     print(ratios(table))
     return table
 
@@ -337,8 +358,12 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError(f"device={cfg.device!r}: choose auto, cpu or cuda")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda, but torch sees no CUDA device here; use device=cpu (or auto)")
-    if cfg.precision not in DTYPES:
-        raise ConfigError(f"precision={cfg.precision!r}: choose {' or '.join(DTYPES)}")
+    if isinstance(cfg.precision, str):  # precision=bf16: that one alone
+        cfg.precision = [cfg.precision]
+    unknown = [p for p in cfg.precision if p not in DTYPES]
+    if unknown or not cfg.precision:
+        raise ConfigError(f"precision={list(cfg.precision)}: choose {' and/or '.join(DTYPES)}, "
+                          f"e.g. precision=bf16 or precision=[fp32,bf16]")
     for key, least in (("warmup", 0), ("repeats", 1)):
         if not isinstance(cfg[key], int) or cfg[key] < least:
             raise ConfigError(f"{key} must be an integer >= {least}, got {cfg[key]!r}")

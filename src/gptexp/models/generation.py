@@ -15,11 +15,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # Decoding a few rows reads every weight once per token, so on a CPU it is bound by memory bandwidth.
-# oneDNN's inner product streams nn.Linear's (out, in) weight 1.5x faster than MKL's product for one row,
-# and from a copy reordered into its blocked layout 2.2x faster for 8 rows (docs/benchmarks.md, "Decoding
-# through oneDNN"), so `generate` runs each linear through oneDNN: from the weight itself for one row,
-# from a copy made once per call for more. Below ONEDNN_MIN_BYTES the weights stay in the CPU's caches,
-# where the plain product wins (oneDNN adds ~40 µs a call).
+# `generate` runs each nn.Linear through oneDNN's inner product (docs/benchmarks.md, "Decoding through
+# oneDNN", "Decoding in bf16"). In float32 one row streams nn.Linear's (out, in) weight in place 1.5x faster
+# than MKL's product, and 8 rows stream a copy reordered into oneDNN's blocked layout 2.2x faster. In bf16
+# every batch reads such a copy: oneDNN's bf16 kernels want the input dimension in pairs (AB16b64a2b), and
+# from the plain layout one row streams 1.4-1.5x slower. The copies are made once per call. Below ONEDNN_MIN_BYTES
+# the weights stay in the CPU's caches, where the plain product wins (oneDNN adds ~20-40 µs a call).
 ONEDNN_MIN_BYTES = 32 * 2**20
 
 
@@ -37,7 +38,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Pick the next token from logits (B, V): greedy at temperature 0, else sample. Returns (B, 1)."""
     if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
+        return logits.float().argmax(dim=-1, keepdim=True)  # the same token; float32's argmax is twice as fast
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
@@ -55,25 +56,27 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 
 @contextlib.contextmanager
 def onednn_linears(model: nn.Module, batch: int, min_bytes: int = ONEDNN_MIN_BYTES) -> Iterator[bool]:
-    """Within the block, every nn.Linear of an eager fp32 CPU model runs through oneDNN, for `batch` rows a
-    call: from its own weight for one row, from a copy in oneDNN's blocked layout for more; yields whether
-    it did. Linears are left alone where oneDNN is missing or disabled, where their weights total less than
-    min_bytes, and where the copies would not fit in the free memory."""
+    """Within the block, every nn.Linear of an eager float32 or bf16 CPU model runs through oneDNN, for
+    `batch` rows a call: from its own weight for one float32 row, else from a copy in oneDNN's blocked
+    layout; yields whether it did. Linears are left alone where oneDNN is missing or disabled, where their
+    weights mix dtypes or total less than min_bytes, and where the copies would not fit in the free memory."""
     linears = [m for m in model.modules() if type(m) is nn.Linear and "forward" not in vars(m)]
+    dtypes = {m.weight.dtype for m in linears}
+    pack = batch > 1 or dtypes == {torch.bfloat16}
     weight_bytes = sum(m.weight.nbytes for m in linears)
-    copies_bytes = weight_bytes if batch > 1 else 0
     usable = (linears and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
               and hasattr(torch.ops.mkldnn, "_linear_pointwise")  # private ops: a torch without them decodes plainly
               and getattr(model, "_compiled_call_impl", None) is None  # model.compile() traced the plain forward
-              and all(m.weight.device.type == "cpu" and m.weight.dtype == torch.float32 for m in linears)
-              and weight_bytes >= min_bytes and copies_bytes < psutil.virtual_memory().available / 2)
+              and all(m.weight.device.type == "cpu" for m in linears) and len(dtypes) == 1
+              and dtypes <= {torch.float32, torch.bfloat16}
+              and weight_bytes >= min_bytes and pack * weight_bytes < psutil.virtual_memory().available / 2)
     if not usable:
         yield False
         return
     try:
         for m in linears:
             weight = m.weight.detach()
-            if batch > 1:
+            if pack:
                 weight = torch.ops.mkldnn._reorder_linear_weight(weight, batch)
             m.forward = _onednn_forward(weight, m.bias)
         yield True

@@ -163,7 +163,9 @@ def _fresh_processes():
     import multiprocessing
 
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["gptexp.bench", "transformers", "peft"])
+    # not gptexp.bench itself: run as `python -m gptexp.bench`, each process runs it as its main module, and
+    # runpy warns about a module it finds imported already
+    context.set_forkserver_preload(["gptexp.models", "gptexp.finetune", "gptexp.memory", "transformers", "peft"])
     return context
 
 

@@ -16,7 +16,7 @@ import torch
 import transformers
 
 from gptexp.models import Llama, LlamaConfig
-from gptexp.models.llama_checkpoints import load_llama
+
 
 VOCAB, CONTEXT, DIM, HEADS, KV_HEADS, LAYERS, HIDDEN = 97, 32, 64, 4, 2, 2, 96
 
@@ -201,7 +201,7 @@ def write_llama2c(hf: transformers.LlamaForCausalLM, path, shared: bool) -> None
 def test_llama2c_bin_loads_to_the_same_logits(tmp_path, shared):
     hf = hf_reference(tie=shared)
     write_llama2c(hf, tmp_path / "model.bin", shared)
-    ours = load_llama(tmp_path / "model.bin")
+    ours = Llama.from_pretrained(tmp_path / "model.bin")
     assert ours.config.tie_embeddings == shared and ours.config.max_seq_len == CONTEXT
     x, _ = batch()
     assert logits_diff(ours(x)[0], hf(x).logits) <= 1e-5
@@ -213,10 +213,10 @@ def test_bad_llama2c_files_are_named(pair, tmp_path):
     data = (tmp_path / "model.bin").read_bytes()
     (tmp_path / "short.bin").write_bytes(data[:-100])
     with pytest.raises(ValueError, match="the header describes .* bytes but the file has"):
-        load_llama(tmp_path / "short.bin")
+        Llama.from_pretrained(tmp_path / "short.bin")
     (tmp_path / "v1.bin").write_bytes(struct.pack("<I", 0x616B3432) + data[4:])
     with pytest.raises(ValueError, match="versioned llama2.c export"):
-        load_llama(tmp_path / "v1.bin")
+        Llama.from_pretrained(tmp_path / "v1.bin")
 
 
 @pytest.mark.parametrize("kwargs, message", [

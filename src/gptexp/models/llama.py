@@ -2,14 +2,15 @@
 
 Parameter names follow HF's LlamaForCausalLM (`model.layers.N.self_attn.q_proj.weight`) and the
 rotary embedding uses HF's half-split layout, so HF checkpoints load as they are. Meta's and
-llama2.c's files and their q/k row order are handled in llama_checkpoints.py.
+llama2.c's files and their q/k row order are read in llama_checkpoints.py, which returns a config and
+tensors that `Llama.from_pretrained` builds from (one direction of import).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 
 from gptexp.models.base import LanguageModel
 from gptexp.models.kv_cache import KVCache, causal_attention
+from gptexp.models.llama_checkpoints import read_llama, tokenizer_file, write_hf
 
 
 def llama_hidden_dim(dim: int, multiple_of: int = 256, ffn_dim_multiplier: float | None = None) -> int:
@@ -194,18 +196,25 @@ class Llama(LanguageModel):
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike) -> Llama:
         """Load a HF directory or hub id, a Meta directory (params.json + consolidated.*.pth) or a llama2.c .bin."""
-        from gptexp.models.llama_checkpoints import load_llama
-
-        return load_llama(path_or_id)
+        fields, state, source = read_llama(path_or_id)
+        config = LlamaConfig(**fields)
+        with torch.device("meta"):
+            model = cls(config)
+        if config.tie_embeddings:
+            state = state | {"lm_head.weight": state["model.embed_tokens.weight"]}
+        try:
+            model.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as error:
+            raise ValueError(f"{source} does not hold the LLaMA its config describes: {error}") from error
+        if config.tie_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight  # assign=True replaced the tied tensor
+        model.rope_cos, model.rope_sin = rotary_tables(config)
+        return model
 
     @classmethod
     def tokenizer_for(cls, weights: str) -> str:
-        from gptexp.models.llama_checkpoints import tokenizer_file
-
         return str(tokenizer_file(weights))
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write config.json + model.safetensors that transformers.LlamaForCausalLM.from_pretrained reads."""
-        from gptexp.models.llama_checkpoints import save_hf
-
-        save_hf(self, directory)
+        write_hf(asdict(self.config), self.state_dict(), directory)

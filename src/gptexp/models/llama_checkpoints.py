@@ -5,6 +5,9 @@
   (13B: 2, 70B: 8), merged along the dimension each layer was split on (MERGE_DIM).
 - llama2.c: the legacy .bin export, a 7-int header then float32 weights.
 
+Each reader returns the model's LlamaConfig fields (a dict) and its tensors under HF's names; llama.py builds
+the model from them, so this module never imports it.
+
 Meta and llama2.c store each head's wq/wk rows with the two halves of a rotary pair side by side
 (0, 1), (2, 3), ...; HF places them D/2 apart (0, D/2), (1, D/2 + 1), ...: `interleaved_to_half`.
 """
@@ -20,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gptexp.models.llama import Llama, LlamaConfig, rotary_tables
 from gptexp.models.pretrained import load_hf_state_dict, read_json, resolve_pretrained
 
 # Meta name (per layer without "layers.N.") -> HF name, and the dimension Meta's shards split it on
@@ -53,17 +55,21 @@ def half_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def load_llama(path_or_id: str | os.PathLike) -> Llama:
-    """Detect the format of `path_or_id` and load it (see the module docstring)."""
+Weights = tuple[dict, dict[str, torch.Tensor], Path]  # LlamaConfig fields, tensors by HF name, where they came from
+
+
+def read_llama(path_or_id: str | os.PathLike) -> Weights:
+    """Detect the format of `path_or_id` and read it (see the module docstring). The tensors hold lm_head.weight
+    only where the config does not tie it to the embedding."""
     path = Path(path_or_id).expanduser()
     if path.is_file():
-        return load_llama2c(path)
+        return read_llama2c(path)
     if not path.exists():
         path = resolve_pretrained(path_or_id, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"])
     if (path / "params.json").exists():
-        return load_meta(path)
+        return read_meta(path)
     if (path / "config.json").exists():
-        return load_hf(path)
+        return read_hf(path)
     raise FileNotFoundError(f"{path} is not a LLaMA checkpoint: expected a Hugging Face directory (config.json), "
                             f"a Meta directory (params.json + consolidated.*.pth) or a llama2.c .bin file")
 
@@ -86,25 +92,9 @@ def tokenizer_file(path_or_id: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"no tokenizer.model in {path} or its parent; set model.tokenizer=<path to the .model file>")
 
 
-def _build(config: LlamaConfig, state: dict[str, torch.Tensor], source: Path) -> Llama:
-    with torch.device("meta"):
-        model = Llama(config)
-    if config.tie_embeddings:
-        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as error:
-        raise ValueError(f"{source} does not hold the LLaMA its config describes: {error}") from error
-    if config.tie_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.rope_cos, model.rope_sin = rotary_tables(config)
-    return model
-
-
 # --- Hugging Face -------------------------------------------------------------------------------
 
-def config_from_hf(hf: dict) -> LlamaConfig:
+def config_from_hf(hf: dict) -> dict:
     unsupported = {
         "hidden_act": hf.get("hidden_act", "silu") != "silu",
         "attention_bias": hf.get("attention_bias", False),
@@ -116,44 +106,45 @@ def config_from_hf(hf: dict) -> LlamaConfig:
     if any(unsupported.values()):
         raise ValueError(f"unsupported LLaMA variant in config.json: {[k for k, v in unsupported.items() if v]}")
     rope = hf.get("rope_parameters") or {}
-    return LlamaConfig(dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
-                       n_kv_heads=hf.get("num_key_value_heads"), vocab_size=hf["vocab_size"],
-                       hidden_dim=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
-                       rope_theta=hf.get("rope_theta", rope.get("rope_theta", 10000.0)),
-                       max_seq_len=hf.get("max_position_embeddings", 4096),
-                       tie_embeddings=hf.get("tie_word_embeddings", False))
+    return dict(dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
+                n_kv_heads=hf.get("num_key_value_heads"), vocab_size=hf["vocab_size"],
+                hidden_dim=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
+                rope_theta=hf.get("rope_theta", rope.get("rope_theta", 10000.0)),
+                max_seq_len=hf.get("max_position_embeddings", 4096), tie_embeddings=hf.get("tie_word_embeddings", False))
 
 
-def config_to_hf(config: LlamaConfig) -> dict:
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": config.dim,
-            "num_hidden_layers": config.n_layers, "num_attention_heads": config.n_heads,
-            "num_key_value_heads": config.n_kv_heads, "vocab_size": config.vocab_size,
-            "intermediate_size": config.hidden_dim, "rms_norm_eps": config.norm_eps, "rope_theta": config.rope_theta,
-            "max_position_embeddings": config.max_seq_len, "tie_word_embeddings": config.tie_embeddings,
-            "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32"}
+def config_to_hf(config: dict) -> dict:
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": config["dim"],
+            "num_hidden_layers": config["n_layers"], "num_attention_heads": config["n_heads"],
+            "num_key_value_heads": config["n_kv_heads"], "vocab_size": config["vocab_size"],
+            "intermediate_size": config["hidden_dim"], "rms_norm_eps": config["norm_eps"],
+            "rope_theta": config["rope_theta"], "max_position_embeddings": config["max_seq_len"],
+            "tie_word_embeddings": config["tie_embeddings"], "hidden_act": "silu", "bos_token_id": 1,
+            "eos_token_id": 2, "torch_dtype": "float32"}
 
 
-def load_hf(directory: Path) -> Llama:
+def read_hf(directory: Path) -> Weights:
     config = config_from_hf(read_json(directory / "config.json"))
     state = {k: v for k, v in load_hf_state_dict(directory).items() if not k.endswith("rotary_emb.inv_freq")}
-    return _build(config, state, directory)
+    if config["tie_embeddings"]:
+        state.pop("lm_head.weight", None)
+    return config, state, directory
 
 
-def save_hf(model: Llama, directory: str | os.PathLike) -> None:
+def write_hf(config: dict, state: dict[str, torch.Tensor], directory: str | os.PathLike) -> None:
     """config.json + model.safetensors that transformers.LlamaForCausalLM.from_pretrained reads."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()
-             if not (model.config.tie_embeddings and k == "lm_head.weight")}
+    state = {k: v.contiguous() for k, v in state.items() if not (config["tie_embeddings"] and k == "lm_head.weight")}
     save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
-    (directory / "config.json").write_text(json.dumps(config_to_hf(model.config), indent=2))
+    (directory / "config.json").write_text(json.dumps(config_to_hf(config), indent=2))
 
 
 # --- Meta ---------------------------------------------------------------------------------------
 
-def load_meta(directory: Path) -> Llama:
+def read_meta(directory: Path) -> Weights:
     params = read_json(directory / "params.json")
     shards = sorted(directory.glob("consolidated.*.pth"))
     if not shards:
@@ -176,15 +167,16 @@ def load_meta(directory: Path) -> Llama:
         elif key.endswith("k_proj.weight"):
             state[key] = interleaved_to_half(state[key], n_kv_heads)
     vocab_size, hidden_dim = state["model.embed_tokens.weight"].shape[0], state["model.layers.0.mlp.gate_proj.weight"].shape[0]
-    config = LlamaConfig(dim=dim, n_layers=params["n_layers"], n_heads=n_heads, n_kv_heads=n_kv_heads,
-                         vocab_size=vocab_size, hidden_dim=hidden_dim, norm_eps=params.get("norm_eps", 1e-5),
-                         rope_theta=params.get("rope_theta", 10000.0), max_seq_len=params.get("max_seq_len", 4096))
-    return _build(config, state, directory)
+    config = dict(dim=dim, n_layers=params["n_layers"], n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=vocab_size,
+                  hidden_dim=hidden_dim, norm_eps=params.get("norm_eps", 1e-5),
+                  rope_theta=params.get("rope_theta", 10000.0), max_seq_len=params.get("max_seq_len", 4096),
+                  tie_embeddings=False)
+    return config, state, directory
 
 
 # --- llama2.c -----------------------------------------------------------------------------------
 
-def load_llama2c(path: Path) -> Llama:
+def read_llama2c(path: Path) -> Weights:
     """llama2.c's legacy export: dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size (negative:
     a separate classifier follows), seq_len; then float32 tensors in the order below."""
     raw = path.read_bytes()
@@ -198,9 +190,10 @@ def load_llama2c(path: Path) -> Llama:
         raise ValueError(f"{path}: header {dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len} "
                          f"is not a llama2.c legacy header")
     shared, vocab_size = vocab_size > 0, abs(vocab_size)
-    config = LlamaConfig(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=vocab_size,
-                         hidden_dim=hidden_dim, max_seq_len=seq_len, tie_embeddings=shared)
-    kv_dim, half_head = n_kv_heads * config.head_dim, config.head_dim // 2
+    config = dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=vocab_size,
+                  hidden_dim=hidden_dim, max_seq_len=seq_len, tie_embeddings=shared)
+    head_dim = dim // n_heads
+    kv_dim, half_head = n_kv_heads * head_dim, head_dim // 2
     layout = [("model.embed_tokens.weight", (vocab_size, dim)), ("input_layernorm", (n_layers, dim)),
               ("q_proj", (n_layers, dim, dim)), ("k_proj", (n_layers, kv_dim, dim)), ("v_proj", (n_layers, kv_dim, dim)),
               ("o_proj", (n_layers, dim, dim)), ("post_attention_layernorm", (n_layers, dim)),
@@ -232,4 +225,4 @@ def load_llama2c(path: Path) -> Llama:
             elif name == "k_proj":
                 weight = interleaved_to_half(weight, n_kv_heads)
             state[f"model.layers.{i}.{module + '.' if module else ''}{name}.weight"] = weight
-    return _build(config, state, path)
+    return config, state, path

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from gptexp.data.shakespeare import load_splits  # noqa: E402
 from gptexp.data.tokenizers import gpt2_tokenizer  # noqa: E402
-from gptexp.export import load_gpt2  # noqa: E402
+from gptexp.commands.export import load_gpt2  # noqa: E402
 from gptexp.hardware import measured_cpu_memory_bandwidth  # noqa: E402
 from gptexp.models.gpt2 import state_dict_to_hf  # noqa: E402
 

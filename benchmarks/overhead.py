@@ -27,7 +27,7 @@ from gptexp.config import build_dataclass
 from gptexp.data.windows import RandomBatches, TokenWindows
 from gptexp.module import LanguageModelModule
 from gptexp.optim import OptimConfig, adamw, lr_at
-from gptexp.train import build_trainer
+from gptexp.commands.train import build_trainer
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

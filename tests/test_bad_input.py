@@ -66,7 +66,7 @@ def in_process(command: str, arguments: list[str], monkeypatch, capfd) -> tuple[
         if command == "train.py":
             runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
         else:
-            runpy.run_module(f"gptexp.{command}", run_name="__main__")
+            runpy.run_module(f"gptexp.commands.{command}", run_name="__main__")
     return exit.value.code, capfd.readouterr().err
 
 
@@ -163,7 +163,7 @@ COMMAND_CASES = {
     "export: unknown key": ("export", ["sorce=x"], ["Could not override 'sorce'", "Key 'sorce' is not in struct"]),
     "verify: no model": ("verify", [], ["model is required: add model=<value>"]),
     "verify: missing files": ("verify", ["model=/no/model.bin", "state=/no/state.bin"],
-                              ["model=/no/model.bin is not a file", "python -m gptexp.export writes both"]),
+                              ["model=/no/model.bin is not a file", "python -m gptexp export writes both"]),
     "verify: not an llm.c file": ("verify", [f"model={ROOT / 'README.md'}", f"state={ROOT / 'README.md'}"],
                                   ["README.md: bad magic", "expected 20240326 for an llm.c model file"]),
     "prepare: unknown dataset": ("prepare", ["data=nope"], ["Could not find 'data/nope'", "shakespeare, "]),
@@ -211,7 +211,7 @@ def test_report_refuses_bad_input_cleanly(case, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["run"] and not (tmp_path / "run" / "report").exists()
 
 
-@pytest.mark.parametrize("command", [["train.py", *TINY, "seed=abc"], ["-m", "gptexp.export", "source=/no/such.ckpt"]])
+@pytest.mark.parametrize("command", [["train.py", *TINY, "seed=abc"], ["-m", "gptexp", "export", "source=/no/such.ckpt"]])
 def test_commands_answer_in_one_line_from_the_command_line(command, tmp_path):
     """The real `python <command>` path (run_command in __main__), in a fresh process."""
     result = subprocess.run([sys.executable, *command, f"hydra.run.dir={tmp_path / 'run'}"] if command[0] == "train.py"

@@ -9,7 +9,7 @@ MEASURED = {"step_ms", "ms_per_token", "tokens_per_s", "mfu", "peak_memory_mb", 
 
 
 def test_smoke_benchmark_writes_one_row_per_implementation_and_case(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "gptexp.bench", "preset=smoke", "repeats=2", "warmup=1",
+    result = subprocess.run([sys.executable, "-m", "gptexp", "bench", "preset=smoke", "repeats=2", "warmup=1",
                              f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "bench.csv")))

@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from gptexp import data, models
 from gptexp.config import build_dataclass
 from gptexp.optim import OptimConfig
-from gptexp.train import build_trainer
+from gptexp.commands.train import build_trainer
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

@@ -3,7 +3,7 @@
 The reference files here are written by this test from HF transformers' GPT2LMHeadModel, following
 llm.c's train_gpt2.py (Conv1D weights transposed, per-layer tensors stacked by kind, wte and dwte
 padded with zero rows, dwte = the gradient of the tied weight), sharing no code with gptexp.models.llmc.
-Tolerances are gptexp.verify's defaults: |diff| <= 1e-6 + rtol * max |expected| with rtol 1e-4 for the
+Tolerances are gptexp.commands.verify's defaults: |diff| <= 1e-6 + rtol * max |expected| with rtol 1e-4 for the
 logits (1e-5 for the loss) and 1e-3 for every gradient tensor.
 """
 
@@ -20,7 +20,7 @@ import transformers
 
 from gptexp.models import GPT2, GPT2Config
 from gptexp.models.llmc import LlmcFormatError, padded_vocab, read_model, read_state, write_model, write_state
-from gptexp.verify import verify
+from gptexp.commands.verify import verify
 
 ROOT = Path(__file__).resolve().parents[1]
 V, VP, C, L, NH, MAXT, B, T = 300, 384, 32, 2, 4, 16, 3, 16
@@ -271,32 +271,32 @@ def test_write_rejects_what_llmc_cannot_hold(batch):
         write_state(model, x, torch.full_like(y, -100), "/nonexistent/x.bin")
 
 
-def cli(module: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
+def cli(command: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gptexp", command, *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
 
 
 def test_export_and_verify_commands(run_dir, hf, files, tmp_path):
     """A training run's checkpoint and an HF directory export; verify exits 0, 1 or 2 as it should."""
-    result = cli("gptexp.export", "format=llmc", f"source={run_dir}", f"output={tmp_path}/run.bin",
+    result = cli("export", "format=llmc", f"source={run_dir}", f"output={tmp_path}/run.bin",
                  f"state={tmp_path}/run_state.bin")
     assert result.returncode == 0, result.stderr[-2000:]
-    result = cli("gptexp.verify", f"model={tmp_path}/run.bin", f"state={tmp_path}/run_state.bin")
+    result = cli("verify", f"model={tmp_path}/run.bin", f"state={tmp_path}/run_state.bin")
     assert result.returncode == 0, result.stdout + result.stderr[-2000:]
     assert "all checks passed" in result.stdout and result.stdout.count(" OK") == 18
     assert "step 9: loss" in result.stdout
 
     hf.save_pretrained(tmp_path / "hf")
-    result = cli("gptexp.export", f"source={tmp_path}/hf", f"output={tmp_path}/hf.bin")
+    result = cli("export", f"source={tmp_path}/hf", f"output={tmp_path}/hf.bin")
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "hf.bin").read_bytes() == (files / "model.bin").read_bytes()
 
-    result = cli("gptexp.verify", f"model={tmp_path}/hf.bin", f"state={tmp_path}/run_state.bin")
+    result = cli("verify", f"model={tmp_path}/hf.bin", f"state={tmp_path}/run_state.bin")
     assert result.returncode == 2 and "T=32" in result.stderr, result.stderr  # a state of another model
     reference_state(hf, (torch.zeros(B, T, dtype=torch.long), torch.ones(B, T, dtype=torch.long)),
                     tmp_path / "other_batch.bin")
     raw = bytearray((tmp_path / "other_batch.bin").read_bytes())
     struct.pack_into("<i", raw, 1024, 5)  # x[0, 0] no longer matches the logits and gradients
     (tmp_path / "other_batch.bin").write_bytes(bytes(raw))
-    result = cli("gptexp.verify", f"model={tmp_path}/hf.bin", f"state={tmp_path}/other_batch.bin")
+    result = cli("verify", f"model={tmp_path}/hf.bin", f"state={tmp_path}/other_batch.bin")
     assert result.returncode == 1 and "FAIL logits" in result.stdout

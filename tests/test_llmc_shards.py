@@ -65,7 +65,7 @@ def test_several_shards_read_as_one_array(tmp_path):
 
 
 def test_prepare_writes_llmc_shards_and_training_reads_them(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "gptexp.prepare", "data=shakespeare", f"output={tmp_path}",
+    result = subprocess.run([sys.executable, "-m", "gptexp", "prepare", "data=shakespeare", f"output={tmp_path}",
                              "shard_tokens=100000"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"shakespeare_train_{k:06d}.bin" for k in range(4)] + [

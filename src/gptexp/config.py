@@ -7,11 +7,13 @@ import types
 import typing
 from collections.abc import Mapping
 from importlib import resources
+from pathlib import Path
 from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
 T = TypeVar("T")
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")  # the config groups, beside src/ (an editable install)
 CACHE_DIR = "~/.cache/gptexp"  # token files and the CPU's kept peak; $GPTEXP_CACHE moves it (conf/data/*.yaml)
 
 

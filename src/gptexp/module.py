@@ -37,7 +37,7 @@ class LanguageModelModule(L.LightningModule):
         self.skipped_steps = 0
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Record the architecture, so a checkpoint alone rebuilds its model (gptexp.export)."""
+        """Record the architecture, so a checkpoint alone rebuilds its model (python -m gptexp export)."""
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         checkpoint["gptexp_model"] = {"class": type(base).__name__, "config": asdict(base.config)}
         checkpoint["skipped_steps"] = self.skipped_steps

@@ -79,7 +79,7 @@ def find_shards(prefix: str | os.PathLike, split: str) -> list[Path]:
     paths = sorted(prefix.parent.glob(f"{prefix.name}_{split}_*.bin"))
     if not paths:
         raise ShardError(f"no llm.c token shards match {prefix}_{split}_*.bin; write them with "
-                         f"python -m gptexp.prepare data=<dataset> output={prefix.parent}")
+                         f"python -m gptexp prepare data=<dataset> output={prefix.parent}")
     return paths
 
 

@@ -1,4 +1,4 @@
-"""Write a dataset as llm.c's token shards: python -m gptexp.prepare data=<dataset> output=<dir>
+"""Write a dataset as llm.c's token shards: python -m gptexp prepare data=<dataset> output=<dir>
 
 Each split becomes {output}/{data.name}_{split}_{k:06d}.bin (GPT-2 tokens, <|endoftext|> before every
 document). Train on them with `python train.py model=gpt2 data.shards={output}/{data.name}`, or hand
@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gptexp import data
 from gptexp.cli import answered_errors, run_command
+from gptexp.config import CONF_DIR
 from gptexp.data.llmc_shards import encode_for_llmc, write_split
 from gptexp.writing import writing
 
@@ -30,7 +31,7 @@ def prepare(cfg: DictConfig) -> dict[str, int]:
     return counts
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="tools/prepare")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="tools/prepare")
 def main(cfg: DictConfig) -> None:
     with answered_errors():
         prepare(cfg)

@@ -1,6 +1,6 @@
 """Benchmark gptexp's models against HF transformers' at the same configs.
 
-    python -m gptexp.bench [preset=smoke|cpu|gpu] [precision=[fp32,bf16]] [device=cuda compile=true ...]
+    python -m gptexp bench [preset=smoke|cpu|gpu] [precision=[fp32,bf16]] [device=cuda compile=true ...]
 
 Training cases time forward + backward + AdamW step and report tokens/s, MFU (against the peak of the
 precision in use) and peak memory; generation cases report new tokens/s (greedy) with and without the KV
@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gptexp import finetune
 from gptexp.cli import answered_errors, run_command
-from gptexp.config import ConfigError
+from gptexp.config import CONF_DIR, ConfigError
 from gptexp.hardware import measured_cpu_memory_bandwidth, peak_flops
 from gptexp.memory import PeakMemory, resident_bytes
 from gptexp.models import GPT2, GPT2Config, Llama, LlamaConfig
@@ -163,8 +163,8 @@ def _fresh_processes():
     import multiprocessing
 
     context = multiprocessing.get_context("forkserver")
-    # not gptexp.bench itself: run as `python -m gptexp.bench`, each process runs it as its main module, and
-    # runpy warns about a module it finds imported already
+    # not gptexp.commands.bench itself: each process runs the main module again, and runpy warns about a
+    # module it finds imported already
     context.set_forkserver_preload(["gptexp.models", "gptexp.finetune", "gptexp.memory", "transformers", "peft"])
     return context
 
@@ -371,7 +371,7 @@ def check(cfg: DictConfig) -> None:
             raise ConfigError(f"{key} must be an integer >= {least}, got {cfg[key]!r}")
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="bench")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="bench")
 def main(cfg: DictConfig) -> None:
     with answered_errors(cfg.output_dir):
         check(cfg)

@@ -1,4 +1,5 @@
-"""The training recipe: compose the objects a Hydra config describes, then fit."""
+"""Train or finetune a language model: python train.py [group=option ...] [key=value ...], or python -m gptexp
+train ...: compose the objects a Hydra config describes, then fit."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from omegaconf import DictConfig, OmegaConf, read_write
 from gptexp import checkpoints, data, finetune, models, precision
 from gptexp.callbacks.history import RunHistory, carry_over
 from gptexp.callbacks.resume import ResumePoint, ResumeState
-from gptexp.cli import Fault, answered_errors
-from gptexp.config import ConfigError, build_dataclass, plain
+from gptexp.cli import Fault, answered_errors, run_command
+from gptexp.config import CONF_DIR, ConfigError, build_dataclass, plain
 from gptexp.module import LanguageModelModule
 from gptexp.optim import OptimConfig
 from gptexp.run_lock import secondary_rank
@@ -200,3 +201,12 @@ def instantiate(cfg: DictConfig, key: str, **kwargs):
         return hydra.utils.instantiate(cfg, **kwargs)
     except InstantiationException as error:
         raise ConfigError(f"{key}: {error.__cause__ or error}") from error
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def app(cfg: DictConfig) -> float | None:
+    return main(cfg)
+
+
+if __name__ == "__main__":
+    run_command(app)

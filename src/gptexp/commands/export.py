@@ -1,4 +1,4 @@
-"""Write a GPT-2 in another format: python -m gptexp.export format=llmc source=<...> output=<...>
+"""Write a GPT-2 in another format: python -m gptexp export format=llmc source=<...> output=<...>
 
 source: a run directory (its checkpoints/last.ckpt) or a .ckpt file, an HF GPT-2 directory or hub id,
 or an llm.c .bin. format=llmc writes llm.c's model file (and with state=<path>, a debug state for a
@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from gptexp.checkpoints import load, resolve_ckpt_path
 from gptexp.cli import answered_errors, run_command
-from gptexp.config import ConfigError
+from gptexp.config import CONF_DIR, ConfigError
 from gptexp.models import ARCHITECTURES, GPT2
 from gptexp.models.llmc import read_model, write_model, write_state
 from gptexp.writing import writing
@@ -72,7 +72,7 @@ def export(cfg: DictConfig) -> None:
     print(f"wrote {cfg.output}" + (f" and {cfg.state}" if cfg.state else ""))
 
 
-@hydra.main(version_base="1.3", config_path="../../conf/tools", config_name="export")
+@hydra.main(version_base="1.3", config_path=f"{CONF_DIR}/tools", config_name="export")
 def main(cfg: DictConfig) -> None:
     with answered_errors():
         export(cfg)

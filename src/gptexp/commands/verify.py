@@ -1,6 +1,6 @@
 """Check a GPT-2 against llm.c's files, as llm.c's test_gpt2 does, with strict tolerances.
 
-    python -m gptexp.verify model=<llm.c model .bin> state=<llm.c debug state .bin>
+    python -m gptexp verify model=<llm.c model .bin> state=<llm.c debug state .bin>
 
 Loads the model into gptexp, runs the state's batch forward and backward, and compares the logits,
 the loss and all 16 gradient tensors with the state: a tensor passes when
@@ -23,6 +23,7 @@ import torch
 from omegaconf import DictConfig
 
 from gptexp.cli import answered_errors, run_command
+from gptexp.config import CONF_DIR
 from gptexp.models.llmc import LLMC_TENSORS, llmc_tensors, padded_vocab_of, read_model, read_state
 
 
@@ -107,13 +108,13 @@ def report(checks: list[Check], losses: list[float], failures: list[str]) -> str
     return "\n".join(lines)
 
 
-@hydra.main(version_base="1.3", config_path="../../conf/tools", config_name="verify")
+@hydra.main(version_base="1.3", config_path=f"{CONF_DIR}/tools", config_name="verify")
 def main(cfg: DictConfig) -> None:
     with answered_errors():
         for key in ("model", "state"):
             if not Path(cfg[key]).is_file():
                 raise FileNotFoundError(f"{key}={cfg[key]} is not a file; pass llm.c's model .bin as model= and its "
-                                        f"debug state .bin as state= (python -m gptexp.export writes both)")
+                                        f"debug state .bin as state= (python -m gptexp export writes both)")
         checks, losses, failures = verify(cfg.model, cfg.state, cfg.rtol_logits, cfg.rtol_grads, cfg.atol, cfg.steps,
                                           list(cfg.expected_losses) if cfg.expected_losses else None)
     print(report(checks, losses, failures))

@@ -1,0 +1,11 @@
+"""The commands: thin Hydra apps over the components in the package above them (models, data, module,
+callbacks, finetune, checkpoints, ...). Run one as `python -m gptexp <command> [key=value ...]` (or
+`python -m gptexp.commands.<command>`); `python train.py` is `train`. A command never imports another."""
+
+COMMANDS = {
+    "train": "train or finetune a model (also: python train.py)",
+    "bench": "benchmark gptexp against HF transformers, fp32 and bf16",
+    "export": "write a GPT-2 as llm.c's model file or an HF directory",
+    "verify": "check a GPT-2 against llm.c's model + debug state",
+    "prepare": "write a dataset as llm.c's token shards",
+}

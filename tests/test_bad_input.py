@@ -14,7 +14,7 @@ from training import ROOT, TINY, train
 
 from gptexp import models
 from gptexp.cli import OUR_FULL_ERROR
-from gptexp.config import ConfigError
+from gptexp.config import ConfigError, asset_path
 from gptexp.finetune import apply as apply_finetune
 from gptexp.models.llmc import LlmcFormatError, read_model
 
@@ -175,6 +175,22 @@ COMMAND_CASES = {
     "bench: unknown device": ("bench", ["device=tpu"], ["device='tpu': choose auto, cpu or cuda"]),
     "bench: unknown precision": ("bench", ["precision=fp8"], ["precision=['fp8']: choose fp32 and/or bf16"]),
     "bench: no repeats": ("bench", ["repeats=0"], ["repeats must be an integer >= 1, got 0"]),
+    "sample: no source": ("sample", [], ["source is required: add source=<value>"]),
+    "sample: missing source": ("sample", ["source=/no/such"], ["source=/no/such does not exist; pass a run directory",
+                                                               "a llama2.c .bin or an llm.c model .bin"]),
+    "sample: a file of another kind": ("sample", [f"source={ROOT / 'README.md'}"], ["README.md is none of the formats"]),
+    "sample: not a model .bin": ("sample", [f"source={ROOT / 'src/gptexp/assets/gpt2.tiktoken'}"],
+                                 ["gpt2.tiktoken is none of the formats"]),
+    "sample: prompt longer than the context": ("sample", [f"source={asset_path('stories260K/stories260K.bin')}",
+                                                          f"prompt=FILE:{ROOT / 'README.md'}"],
+                                               ["longer than the model's context (512)", "crop=true"]),
+    "sample: missing prompts file": ("sample", [f"source={asset_path('stories260K/stories260K.bin')}",
+                                                "prompts=/no/prompts.txt"],
+                                     ["prompts=/no/prompts.txt is not a file"]),
+    "sample: negative temperature": ("sample", ["source=x", "temperature=-1"], ["temperature must be >= 0"]),
+    "sample: unknown precision": ("sample", ["source=x", "precision=fp16"], ["precision='fp16': choose fp32 or bf16"]),
+    "sample: unknown checkpoint": ("sample", [f"source={asset_path('stories260K/stories260K.bin')}", "checkpoint=first"],
+                                   ["checkpoint='first': choose best or last"]),
 }
 
 

@@ -28,18 +28,26 @@ class LanguageModelModule(L.LightningModule):
     and counted in train/skipped_steps.
     """
 
-    def __init__(self, model: LanguageModel, optim: OptimConfig, on_nonfinite_loss: str = "stop"):
+    def __init__(self, model: LanguageModel, optim: OptimConfig, on_nonfinite_loss: str = "stop",
+                 tokenizer: dict | None = None):
         super().__init__()
         if on_nonfinite_loss not in ("stop", "skip"):
             raise ConfigError(f"on_nonfinite_loss must be 'stop' or 'skip', got {on_nonfinite_loss!r}")
         self.model, self.optim, self.on_nonfinite_loss = model, optim, on_nonfinite_loss
+        self.tokenizer = tokenizer  # tokenizers.tokenizer_state: kept in checkpoints beside the architecture
         self.val_loss = MeanMetric()  # token-weighted mean cross-entropy over the validation split
         self.skipped_steps = 0
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Record the architecture, so a checkpoint alone rebuilds its model (python -m gptexp export)."""
+        """Record the architecture, the tokenizer and a LoRA adapter's settings, so a checkpoint alone rebuilds
+        its model and reads and writes its text (python -m gptexp sample, export)."""
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         checkpoint["gptexp_model"] = {"class": type(base).__name__, "config": asdict(base.config)}
+        if self.tokenizer is not None:
+            checkpoint["gptexp_tokenizer"] = self.tokenizer
+        lora = getattr(self.model, "peft_config", {}).get("default")
+        if lora is not None:
+            checkpoint["gptexp_lora"] = {"r": lora.r, "alpha": lora.lora_alpha, "target_modules": sorted(lora.target_modules)}
         checkpoint["skipped_steps"] = self.skipped_steps
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

@@ -8,4 +8,5 @@ COMMANDS = {
     "export": "write a GPT-2 as llm.c's model file or an HF directory",
     "verify": "check a GPT-2 against llm.c's model + debug state",
     "prepare": "write a dataset as llm.c's token shards",
+    "sample": "write text with any model: a run, a .ckpt, HF, Meta, llama2.c or llm.c weights",
 }

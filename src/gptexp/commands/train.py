@@ -23,6 +23,7 @@ from gptexp.callbacks.history import RunHistory, carry_over
 from gptexp.callbacks.resume import ResumePoint, ResumeState
 from gptexp.cli import Fault, answered_errors, run_command
 from gptexp.config import CONF_DIR, ConfigError, build_dataclass, plain
+from gptexp.data.tokenizers import tokenizer_state
 from gptexp.module import LanguageModelModule
 from gptexp.optim import OptimConfig
 from gptexp.run_lock import secondary_rank
@@ -99,7 +100,7 @@ def run(cfg: DictConfig) -> float | None:
     datamodule.setup("fit")  # data errors (too short for a window, bad shards) before any output is written
     optim = optimizer_config(cfg)
     log.info("optimizer: %s", "Muon for the hidden matrices, AdamW for the rest" if optim.name == "muon" else "AdamW")
-    module = LanguageModelModule(model, optim, cfg.on_nonfinite_loss)
+    module = LanguageModelModule(model, optim, cfg.on_nonfinite_loss, tokenizer_state(source.tokenizer))
     resumed = checkpoint_of(ckpt_path, module)
     if not secondary_rank():  # rank 0 writes the history, and holds the directory's lock
         if partial := checkpoints.remove_partial_writes(Path(cfg.output_dir) / "checkpoints"):

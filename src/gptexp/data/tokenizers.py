@@ -86,14 +86,17 @@ class SentencePieceTokenizer:
 
     eot_id = None
 
-    def __init__(self, model_file: str | os.PathLike):
+    def __init__(self, model_file: str | os.PathLike | None = None, *, model_bytes: bytes | None = None):
         import sentencepiece
 
-        path = Path(model_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file {path} does not exist")
-        self.processor = sentencepiece.SentencePieceProcessor(model_file=str(path))
-        self.name = "sp-" + hashlib.sha1(path.read_bytes()).hexdigest()[:10]
+        if model_bytes is None:
+            path = Path(model_file)
+            if not path.is_file():
+                raise FileNotFoundError(f"tokenizer file {path} does not exist")
+            model_bytes = path.read_bytes()
+        self.model_bytes = model_bytes
+        self.processor = sentencepiece.SentencePieceProcessor(model_proto=model_bytes)
+        self.name = "sp-" + hashlib.sha1(model_bytes).hexdigest()[:10]
         self.vocab_size = self.processor.get_piece_size()
         self.bos_id = self.processor.bos_id() if self.processor.bos_id() >= 0 else None
         self.eos_id = self.processor.eos_id() if self.processor.eos_id() >= 0 else None
@@ -112,6 +115,37 @@ def load_tokenizer(spec: str | os.PathLike):
     if str(spec).endswith(".model") or Path(spec).is_file():
         return SentencePieceTokenizer(spec)
     raise ValueError(f"unknown tokenizer {str(spec)!r}: use gpt2 or the path of a SentencePiece .model file")
+
+
+def tokenizer_state(tokenizer) -> dict:
+    """What rebuilds `tokenizer` with no file at hand (kept in checkpoints): GPT-2's name, a character
+    vocabulary's characters, a SentencePiece model's bytes."""
+    if isinstance(tokenizer, CharTokenizer):
+        return {"kind": "char", "chars": tokenizer.chars}
+    if isinstance(tokenizer, SentencePieceTokenizer):
+        return {"kind": "sentencepiece", "model": tokenizer.model_bytes}
+    if isinstance(tokenizer, BPETokenizer) and tokenizer.name == "gpt2":
+        return {"kind": "gpt2"}
+    raise ValueError(f"no way to record tokenizer {tokenizer.name!r}")
+
+
+def tokenizer_from_state(state: dict):
+    """The tokenizer `tokenizer_state` recorded."""
+    kind = state.get("kind")
+    if kind == "char":
+        return CharTokenizer(state["chars"])
+    if kind == "sentencepiece":
+        return SentencePieceTokenizer(model_bytes=state["model"])
+    if kind == "gpt2":
+        return gpt2_tokenizer()
+    raise ValueError(f"unknown recorded tokenizer kind {kind!r}")
+
+
+def end_of_text_ids(tokenizer) -> set[int]:
+    """The tokens that end a sample: GPT-2's <|endoftext|>; SentencePiece's EOS, and its BOS, which starts the
+    next document (llama2.c's models and gptexp's own training put it between documents); none for characters."""
+    ids = {tokenizer.eot_id, tokenizer.bos_id, getattr(tokenizer, "eos_id", None)}
+    return {i for i in ids if i is not None}
 
 
 def prompt_ids(tokenizer, text: str) -> list[int]:

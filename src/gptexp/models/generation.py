@@ -100,7 +100,6 @@ def _onednn_forward(weight: torch.Tensor, bias: torch.Tensor | None):
     return lambda x: linear(x, weight, bias, "none", [], "")
 
 
-@torch.inference_mode()
 def generate(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, *, use_cache: bool = True,
              generator: torch.Generator | None = None) -> torch.Tensor:
@@ -110,6 +109,15 @@ def generate(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, tem
     context, every step re-reads the last `context_length` tokens, as a model without a cache
     would. The model is put in eval mode for the call and restored afterwards.
     """
+    steps = decode(model, idx, max_new_tokens, temperature, top_k, top_p, use_cache=use_cache, generator=generator)
+    return torch.cat([idx, *steps], dim=1)
+
+
+def decode(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+           top_k: int | None = None, top_p: float | None = None, *, use_cache: bool = True,
+           generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+    """`generate` one step at a time: yields each new column of tokens (B, 1) as soon as it is chosen, so a
+    caller can stream them or stop early (closing the iterator restores the model's mode)."""
     check_sampling(temperature, top_k, top_p)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -119,7 +127,12 @@ def generate(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, tem
     if idx.size(1) > context:
         raise ValueError(f"prompt has {idx.size(1)} tokens but the model's context is {context}; "
                          f"shorten the prompt to at most {context} tokens")
-    with _eval_mode(model), onednn_linears(model, idx.size(0)):
+    return _decode(model, idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator)
+
+
+def _decode(model, idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator) -> Iterator[torch.Tensor]:
+    context = model.context_length
+    with torch.inference_mode(), _eval_mode(model), onednn_linears(model, idx.size(0)):
         cache = model.new_kv_cache(idx.size(0), min(context, idx.size(1) + max_new_tokens)) if use_cache else None
         out, new = idx, idx
         for _ in range(max_new_tokens):
@@ -131,4 +144,4 @@ def generate(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, tem
                 logits, _ = model(new, cache=cache)
             new = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
             out = torch.cat([out, new], dim=1)
-    return out
+            yield new

@@ -1,0 +1,202 @@
+"""Write text with any model: python -m gptexp sample source=<...> [prompt=... | prompts=<file>] [key=value ...]
+
+The text streams to stdout token by token (valid UTF-8 even while a character is split across byte tokens),
+samples separated by a line of dashes; stderr gets each sample's prompt tokens, new tokens, time to the
+first token and tokens/s. With prompts=<file> every line is a prompt, and the prompts of one token length are
+decoded as one batch (the models take no padding). Every run writes samples.jsonl into its output directory:
+prompt, completion, token counts and what ended each sample.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from gptexp.cli import answered_errors, run_command
+from gptexp.config import CONF_DIR, ConfigError
+from gptexp.data.tokenizers import end_of_text_ids, prompt_ids
+from gptexp.models.generation import check_sampling, decode
+from gptexp.sources import load_source
+from gptexp.writing import write_atomically
+
+log = logging.getLogger(__name__)
+SEPARATOR = "-" * 40
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Completion:
+    """One sample: the text past the prompt, and why it ended (max_new_tokens, eos or the stop string)."""
+
+    prompt: str
+    prompt_ids: list[int]
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    ended_by: str | None = None
+
+    def update(self, tokenizer) -> str:
+        """The completion's text, decoded with its prompt (a SentencePiece word's leading space depends on
+        what precedes it) and taken past the prompt's own text."""
+        prefix = tokenizer.decode(self.prompt_ids)
+        full = tokenizer.decode(self.prompt_ids + self.ids)
+        self.text = full[len(prefix):] if full.startswith(prefix) else tokenizer.decode(self.ids)
+        return self.text
+
+    def record(self) -> dict:
+        return {"prompt": self.prompt, "completion": self.text, "prompt_tokens": len(self.prompt_ids),
+                "new_tokens": len(self.ids), "ended_by": self.ended_by or "max_new_tokens"}
+
+
+class TextStream:
+    """A growing text given out in pieces that are whole characters: a tail of U+FFFD (a character whose
+    bytes have not all arrived in byte tokens) is held back until it is complete."""
+
+    def __init__(self):
+        self.given = 0
+
+    def new_text(self, text: str) -> str:
+        end = len(text.rstrip("\ufffd"))
+        piece, self.given = text[self.given:end], max(self.given, end)
+        return piece
+
+
+def read_prompts(cfg: DictConfig) -> list[str]:
+    if cfg.prompts is not None:
+        path = Path(str(cfg.prompts)).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"prompts={cfg.prompts} is not a file; pass a text file with one prompt a line")
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not lines:
+            raise ConfigError(f"prompts={cfg.prompts} holds no prompt (every line is empty)")
+        return lines
+    prompt = str(cfg.prompt)
+    if prompt.startswith("FILE:"):
+        path = Path(prompt.removeprefix("FILE:")).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"prompt={prompt}: {path} is not a file")
+        return [path.read_text(encoding="utf-8")]
+    return [prompt]
+
+
+def encode(tokenizer, text: str, context: int, crop: bool) -> list[int]:
+    try:
+        ids = prompt_ids(tokenizer, text)
+    except ValueError as error:  # a character the vocabulary lacks
+        raise ConfigError(f"the prompt cannot be encoded: {error}") from error
+    if len(ids) > context:
+        if not crop:
+            raise ConfigError(f"the prompt is {len(ids)} tokens, longer than the model's context ({context}); "
+                              f"shorten it, or pass crop=true to keep its last {context} tokens")
+        log.info("prompt cropped to its last %d of %d tokens", context, len(ids))
+        ids = ids[-context:]
+    return ids
+
+
+def check(cfg: DictConfig) -> None:
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device={cfg.device!r}: choose auto, cpu or cuda")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda, but torch sees no CUDA device here; use device=cpu (or auto)")
+    if cfg.precision not in DTYPES:
+        raise ConfigError(f"precision={cfg.precision!r}: choose fp32 or bf16")
+    for key in ("num_samples", "max_new_tokens"):
+        if not isinstance(cfg[key], int) or cfg[key] < (1 if key == "num_samples" else 0):
+            raise ConfigError(f"{key} must be an integer >= {1 if key == 'num_samples' else 0}, got {cfg[key]!r}")
+    try:
+        check_sampling(cfg.temperature, cfg.top_k, cfg.top_p)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(str(error)) from error
+    if isinstance(cfg.stop, str):
+        cfg.stop = [cfg.stop]
+
+
+def sample_batch(model, tokenizer, batch: list[Completion], prompts: list[list[int]], cfg: DictConfig,
+                 generator: torch.Generator, stream: bool) -> None:
+    """Decode the samples of `batch` together, each from its prompt ids (all of one length), filling each
+    Completion; with `stream`, the one sample's text goes to stdout as it comes."""
+    device = next(model.parameters()).device
+    idx = torch.tensor(prompts, device=device)
+    ends = set() if cfg.ignore_eos else end_of_text_ids(tokenizer)
+    text_stream = TextStream()
+    start, first = time.perf_counter(), None
+    steps = decode(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, generator=generator)
+    for column in steps:
+        first = first or time.perf_counter()
+        for completion, token in zip(batch, column[:, 0].tolist()):
+            if completion.ended_by:
+                continue
+            if token in ends:
+                completion.ended_by = "eos"
+                continue
+            completion.ids.append(token)
+            completion.update(tokenizer)
+            for stop in cfg.stop:
+                if stop in completion.text:
+                    completion.text, completion.ended_by = completion.text[:completion.text.index(stop)], repr(stop)
+            if stream and not completion.ended_by:
+                sys.stdout.write(text_stream.new_text(completion.text))
+                sys.stdout.flush()
+        if all(c.ended_by for c in batch):
+            steps.close()
+            break
+    if stream:
+        given = text_stream.given
+        sys.stdout.write(batch[0].text[given:] + "\n")
+        sys.stdout.flush()
+    seconds = time.perf_counter() - start
+    new_tokens = sum(len(c.ids) for c in batch)
+    to_first = f"{1e3 * (first - start):.0f} ms" if first else "-"
+    print(f"[{len(batch)} x {len(prompts[0])} prompt tokens, {new_tokens} new tokens, first token after {to_first}, "
+          f"{new_tokens / seconds:.1f} tokens/s]", file=sys.stderr, flush=True)
+
+
+def sample(cfg: DictConfig) -> list[dict]:
+    check(cfg)
+    prompts = read_prompts(cfg)
+    source = load_source(str(cfg.source), cfg.checkpoint)
+    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    model, tokenizer = source.model.to(device=device, dtype=DTYPES[cfg.precision]), source.tokenizer
+    encoded = [encode(tokenizer, text, model.context_length, cfg.crop) for text in prompts]
+    log.info("%s: %.2fM parameters, tokenizer %s (%d tokens), %s on %s", source.description,
+             model.num_parameters() / 1e6, tokenizer.name, tokenizer.vocab_size, cfg.precision, device)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    completions = [[Completion(text, ids) for _ in range(cfg.num_samples)] for text, ids in zip(prompts, encoded)]
+    if cfg.prompts is None:  # one prompt: its samples one after another, each streamed
+        for i, completion in enumerate(completions[0]):
+            if i:
+                print(SEPARATOR, flush=True)
+            sys.stdout.write(prompts[0])
+            sample_batch(model, tokenizer, [completion], [encoded[0]], cfg, generator, stream=True)
+    else:  # a file of prompts: all samples of the prompts of one length in one batch (the models take no padding)
+        for length in sorted({len(ids) for ids in encoded}):
+            rows = [i for i, ids in enumerate(encoded) if len(ids) == length]
+            batch = [c for i in rows for c in completions[i]]
+            sample_batch(model, tokenizer, batch, [encoded[i] for i in rows for _ in range(cfg.num_samples)],
+                         cfg, generator, stream=False)
+        for i, completion in enumerate(c for row in completions for c in row):
+            if i:
+                print(SEPARATOR)
+            print(completion.prompt + completion.text)
+    records = [c.record() for row in completions for c in row]
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
+    write_atomically(Path(cfg.output_dir) / "samples.jsonl", lambda f: f.write(lines))
+    return records
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")
+def main(cfg: DictConfig) -> None:
+    with answered_errors(cfg.output_dir):
+        sample(cfg)
+
+
+if __name__ == "__main__":
+    run_command(main)

@@ -1,0 +1,164 @@
+"""Any model gptexp reads, with its tokenizer: what `source=` means for the commands that use a model.
+
+A source is a run directory (its best checkpoint, or the last), a training checkpoint (.ckpt), a Hugging
+Face directory or hub id (GPT-2 or LLaMA), a Meta LLaMA directory, a llama2.c .bin or an llm.c model .bin.
+The architecture comes from the source itself; so does the tokenizer: a checkpoint records its own (a
+character-level run's characters travel with it), checkpoints written before that take it from the run's
+saved config, and the other formats bring theirs (GPT-2's BPE, a LLaMA's tokenizer.model). A LoRA run's
+adapter is folded into the base weights.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from gptexp.checkpoints import load
+from gptexp.config import ConfigError
+from gptexp.data.tokenizers import gpt2_tokenizer, load_tokenizer, tokenizer_from_state
+from gptexp.models import ARCHITECTURES, GPT2, LanguageModel, Llama
+from gptexp.models.llmc import MODEL_MAGIC, read_model
+from gptexp.models.pretrained import read_json, resolve_pretrained
+
+FORMATS = ("a run directory (checkpoints/best.ckpt or last.ckpt)", "a .ckpt file",
+           "a Hugging Face directory (config.json) or hub id", "a Meta directory (params.json)",
+           "a llama2.c .bin", "an llm.c model .bin")
+
+
+@dataclass
+class Source:
+    model: LanguageModel
+    tokenizer: Any
+    description: str  # what was loaded, for the log
+
+
+def load_source(source: str, checkpoint: str = "best") -> Source:
+    """The model and tokenizer `source` names (see the module docstring); `checkpoint` picks a run
+    directory's best or last checkpoint. Raises ConfigError naming what was looked for."""
+    if checkpoint not in ("best", "last"):
+        raise ConfigError(f"checkpoint={checkpoint!r}: choose best or last")
+    try:
+        return _load(str(source), checkpoint)
+    except ConfigError:
+        raise
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigError(f"source={source}: {error}") from error
+
+
+def _load(source: str, checkpoint: str) -> Source:
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if (path / "checkpoints").is_dir():
+            return _from_run(path, checkpoint)
+        if (path / "params.json").is_file() or (path / "config.json").is_file():
+            return _from_pretrained_directory(path)
+    elif path.is_file():
+        if path.suffix == ".ckpt":
+            return _from_checkpoint(path)
+        if path.suffix == ".bin":
+            return _from_bin(path)
+    elif not path.is_absolute() and not source.startswith((".", "~")) and source.count("/") <= 1:
+        return _from_hub(source)
+    what = "does not exist" if not path.exists() else "is none of the formats"
+    raise ConfigError(f"source={source} {what}; pass {', '.join(FORMATS[:-1])} or {FORMATS[-1]}")
+
+
+def _from_run(run: Path, checkpoint: str) -> Source:
+    path = run / "checkpoints" / f"{checkpoint}.ckpt"
+    if not path.is_file() and checkpoint == "best" and (run / "checkpoints" / "last.ckpt").is_file():
+        path = run / "checkpoints" / "last.ckpt"  # a run that never validated keeps only its last step
+    if not path.is_file():
+        raise ConfigError(f"{run}/checkpoints holds no {checkpoint}.ckpt; pass checkpoint=last or another run")
+    return _from_checkpoint(path)
+
+
+def _from_checkpoint(path: Path) -> Source:
+    state = load(path)
+    if "gptexp_model" not in state:
+        raise ConfigError(f"{path} does not record its architecture (written before gptexp stored it)")
+    spec = state["gptexp_model"]
+    model_cls, config_cls = next(v for v in ARCHITECTURES.values() if v[0].__name__ == spec["class"])
+    model = model_cls(config_cls(**spec["config"]))
+    weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")}
+    if any("lora_" in k for k in weights):
+        model = _with_adapter(model, weights, state.get("gptexp_lora") or _run_lora(path), path)
+    else:
+        model.load_state_dict(weights)
+    if "gptexp_tokenizer" in state:
+        tokenizer = tokenizer_from_state(state["gptexp_tokenizer"])
+    else:
+        tokenizer = _run_tokenizer(path)
+    return Source(model.eval(), tokenizer, f"{path} (step {state.get('global_step', '?')})")
+
+
+def _with_adapter(model: LanguageModel, weights: dict, lora: dict, path: Path) -> LanguageModel:
+    """The base model with the checkpoint's LoRA adapter folded into its weights."""
+    from gptexp import finetune
+
+    wrapped = finetune.apply(model, {"method": "lora", "r": lora["r"], "alpha": lora["alpha"], "dropout": 0.0,
+                                     "target_modules": list(lora["target_modules"])})
+    try:
+        wrapped.load_state_dict(weights)
+    except RuntimeError as error:
+        raise ConfigError(f"{path}: its LoRA weights do not fit the adapter it records: {error}") from error
+    return wrapped.merge_and_unload()
+
+
+def _run_config(path: Path):
+    config = path.parent.parent / ".hydra" / "config.yaml"
+    if not config.is_file():
+        raise ConfigError(f"{path} records no tokenizer and has no run config ({config}) to take it from")
+    return OmegaConf.load(config)
+
+
+def _run_lora(path: Path) -> dict:
+    finetune = _run_config(path).finetune
+    return {"r": finetune.r, "alpha": finetune.alpha, "target_modules": finetune.target_modules or ["c_attn"]}
+
+
+def _run_tokenizer(path: Path):
+    """The tokenizer a checkpoint written before checkpoints recorded theirs was trained with."""
+    from gptexp import data, models
+
+    cfg = _run_config(path)
+    spec = "char" if cfg.data.get("tokenizer") == "char" else models.tokenizer_spec(cfg.model)
+    return data.load(cfg.data, spec).tokenizer
+
+
+def _from_pretrained_directory(directory: Path) -> Source:
+    if (directory / "params.json").is_file():
+        return Source(Llama.from_pretrained(directory), load_tokenizer(Llama.tokenizer_for(str(directory))),
+                      f"Meta LLaMA {directory}")
+    model_type = read_json(directory / "config.json").get("model_type")
+    if model_type == "gpt2":
+        return Source(GPT2.from_pretrained(directory), gpt2_tokenizer(), f"HF GPT-2 {directory}")
+    if model_type == "llama":
+        return Source(Llama.from_pretrained(directory), load_tokenizer(Llama.tokenizer_for(str(directory))),
+                      f"HF LLaMA {directory}")
+    raise ConfigError(f"{directory}/config.json has model_type {model_type!r}; gptexp reads gpt2 and llama")
+
+
+def _from_bin(path: Path) -> Source:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if len(head) == 4 and struct.unpack("<i", head)[0] == MODEL_MAGIC:
+        return Source(read_model(path), gpt2_tokenizer(), f"llm.c model {path}")
+    try:
+        model = Llama.from_pretrained(path)
+        tokenizer = load_tokenizer(Llama.tokenizer_for(str(path)))
+    except (ValueError, FileNotFoundError) as error:
+        raise ConfigError(f"source={path}: neither an llm.c model file (magic {MODEL_MAGIC}) nor a llama2.c "
+                          f"legacy export: {error}") from error
+    return Source(model, tokenizer, f"llama2.c {path}")
+
+
+def _from_hub(name: str) -> Source:
+    try:
+        directory = resolve_pretrained(name, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"])
+    except FileNotFoundError as error:
+        raise ConfigError(f"source={name} is not a local path, so it was taken for a hub id: {error}") from error
+    return _from_pretrained_directory(directory)

@@ -1,0 +1,141 @@
+"""python -m gptexp sample, run as a user runs it: every source format, the sampling options, the stream on
+stdout, the statistics on stderr and the samples.jsonl it writes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_llama_real import LLAMA2C_EXPECTED
+from training import ROOT, train
+
+from gptexp.commands.sample import TextStream
+from gptexp.config import asset_path
+from gptexp.data.tokenizers import gpt2_tokenizer
+from gptexp.sources import load_source
+
+STORIES = asset_path("stories260K/stories260K.bin")
+
+
+def sample(*args: str, out: Path) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "gptexp", "sample", *args, f"hydra.run.dir={out}"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300, env=os.environ | {"PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+
+
+def test_stories260k_greedy_from_bos_writes_llama2cs_text(tmp_path):
+    """The bundled llama2.c model through the command: exactly the text llama2.c's own test expects."""
+    result = sample(f"source={STORIES}", "prompt=''", "temperature=0", "max_new_tokens=200", out=tmp_path)
+    assert result.stdout == LLAMA2C_EXPECTED + "\n"
+    assert "[1 x 1 prompt tokens, 200 new tokens, first token after" in result.stderr and "tokens/s]" in result.stderr
+    [record] = records(tmp_path)
+    assert record == {"prompt": "", "completion": LLAMA2C_EXPECTED, "prompt_tokens": 1, "new_tokens": 200,
+                      "ended_by": "max_new_tokens"}
+
+
+def test_a_stop_string_ends_the_sample_before_it(tmp_path):
+    sample(f"source={STORIES}", "prompt='Once upon a time'", "temperature=0", "stop=[Lily,park]", out=tmp_path)
+    [record] = records(tmp_path)
+    assert record["completion"] == ", there was a little girl named " and record["ended_by"] == "'Lily'"
+
+
+def test_the_end_of_a_story_ends_the_sample_unless_told_otherwise(tmp_path):
+    """At seed 4 (temperature 1) stories260K starts a new story (BOS) after 103 tokens."""
+    args = [f"source={STORIES}", "prompt=''", "temperature=1.0", "top_k=null", "seed=4", "max_new_tokens=200"]
+    sample(*args, out=tmp_path / "a")
+    sample(*args, "ignore_eos=true", out=tmp_path / "b")
+    [ended], [went_on] = records(tmp_path / "a"), records(tmp_path / "b")
+    assert (ended["ended_by"], ended["new_tokens"]) == ("eos", 103)
+    assert (went_on["ended_by"], went_on["new_tokens"]) == ("max_new_tokens", 200)
+    assert went_on["completion"].startswith(ended["completion"])
+
+
+def test_the_same_seed_writes_the_same_text(run_dir, tmp_path):
+    """A character-level run (its vocabulary from the checkpoint): samples separated, seeds reproducible."""
+    args = [f"source={run_dir}", "prompt=ROMEO:", "num_samples=2", "max_new_tokens=30"]
+    first, again = sample(*args, "seed=7", out=tmp_path / "a"), sample(*args, "seed=7", out=tmp_path / "b")
+    other = sample(*args, "seed=8", out=tmp_path / "c")
+    assert first.stdout == again.stdout != other.stdout
+    samples = first.stdout.split("-" * 40 + "\n")
+    assert len(samples) == 2 and all(s.startswith("ROMEO:") for s in samples)
+    assert [r["completion"] for r in records(tmp_path / "a")] == [s.removeprefix("ROMEO:").removesuffix("\n")
+                                                                  for s in samples]
+    assert first.stderr.count("new tokens") == 2
+
+
+def test_a_file_of_prompts_is_decoded_in_batches_and_written_as_json_lines(tmp_path):
+    prompts = ["Once upon a time", "The cat", "Once upon a dog", "A big red ball"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n\n")
+    sample(f"source={STORIES}", f"prompts={tmp_path / 'prompts.txt'}", "temperature=0", "max_new_tokens=20",
+           out=tmp_path / "out")
+    rows = records(tmp_path / "out")
+    assert [r["prompt"] for r in rows] == prompts
+    model = load_source(STORIES).model  # each completion is the prompt's own greedy continuation
+    tokenizer = load_source(STORIES).tokenizer
+    for row in rows:
+        ids = [tokenizer.bos_id] + tokenizer.encode(row["prompt"])
+        out = model.generate(torch.tensor([ids]), row["new_tokens"], temperature=0)[0].tolist()
+        assert row["prompt"] + row["completion"] == tokenizer.decode(out)
+
+
+@pytest.fixture(scope="module")
+def bpe_run(tmp_path_factory) -> Path:
+    """A tiny GPT-2 on GPT-2's BPE, and its llm.c and HF exports."""
+    run = tmp_path_factory.mktemp("bpe_run")
+    result = train("model.tokenizer=gpt2", "trainer.max_steps=10", "trainer.val_check_interval=10", "logger=csv",
+                   run_dir=run)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for fmt, output in (("llmc", run / "model.bin"), ("hf", run / "hf")):
+        export = subprocess.run([sys.executable, "-m", "gptexp", "export", f"format={fmt}", f"source={run}",
+                                 f"output={output}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert export.returncode == 0, export.stderr[-2000:]
+    return run
+
+
+def test_every_format_of_the_same_weights_writes_the_same_text(bpe_run, tmp_path):
+    sources = {"run": bpe_run, "ckpt": bpe_run / "checkpoints" / "last.ckpt", "llm.c": bpe_run / "model.bin",
+               "hf": bpe_run / "hf"}
+    texts = {name: sample(f"source={source}", "checkpoint=last", "prompt='To be, or not'", "temperature=0",
+                          "max_new_tokens=24", "ignore_eos=true", out=tmp_path / name).stdout
+             for name, source in sources.items()}
+    assert len(set(texts.values())) == 1, texts
+    assert texts["run"].startswith("To be, or not") and len(texts["run"]) > len("To be, or not\n")
+
+
+def test_bf16_weights_write_text_too(bpe_run, tmp_path):
+    result = sample(f"source={bpe_run}", "precision=bf16", "max_new_tokens=10", out=tmp_path)
+    assert "bf16 on cpu" in result.stderr and records(tmp_path)[0]["new_tokens"] <= 10
+
+
+def test_the_stream_is_whole_characters_while_bytes_arrive():
+    """GPT-2's byte-level BPE splits these characters across tokens: no piece of the stream is a partial one."""
+    tokenizer = gpt2_tokenizer()
+    text = "naïve café — 😀 日本語 ok"
+    ids = tokenizer.encode(text)
+    assert any("\ufffd" in tokenizer.decode(ids[:n]) for n in range(1, len(ids)))  # the split really happens
+    stream, pieces = TextStream(), []
+    for n in range(1, len(ids) + 1):
+        pieces.append(stream.new_text(tokenizer.decode(ids[:n])))
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+
+
+@pytest.mark.parametrize("case", ["a character the vocabulary lacks", "an empty prompts file"])
+def test_bad_prompts_get_one_line_and_leave_nothing(case, run_dir, tmp_path):
+    (tmp_path / "empty.txt").write_text("\n\n")
+    argument, message = {"a character the vocabulary lacks": ("prompt='café'", "character 'é' is not in this"),
+                         "an empty prompts file": (f"prompts={tmp_path / 'empty.txt'}", "holds no prompt")}[case]
+    result = subprocess.run([sys.executable, "-m", "gptexp", "sample", f"source={run_dir}", argument,
+                             f"hydra.run.dir={tmp_path / 'out'}"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300, env=os.environ | {"PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 2 and result.stdout == ""
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()

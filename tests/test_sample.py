@@ -139,3 +139,34 @@ def test_bad_prompts_get_one_line_and_leave_nothing(case, run_dir, tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_lora_runs_adapter_is_applied(tmp_path):
+    """stories260K after a few LoRA steps on Shakespeare: the command's greedy text is the adapter model's own
+    (peft, unmerged), and not the base model's."""
+    run = tmp_path / "lora"
+    result = subprocess.run([sys.executable, "train.py", "model=llama2_260k", "finetune=lora", "data=shakespeare",
+                             "optim.lr=3e-2", "optim.warmup_steps=0", "trainer.max_steps=12",
+                             "trainer.val_check_interval=12", "data.seq_len=64", "data.batch_size=8",
+                             "data.eval_batch_size=64", "trainer.limit_val_batches=2", "validate_first=false",
+                             "logger=csv", "trainer.precision=32-true", f"hydra.run.dir={run}"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600, env=os.environ | {"PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    args = ["prompt='Once upon a time'", "temperature=0", "max_new_tokens=40", "ignore_eos=true"]
+    tuned = sample(f"source={run}", "checkpoint=last", *args, out=tmp_path / "tuned").stdout
+    base = sample(f"source={STORIES}", *args, out=tmp_path / "base").stdout
+    assert tuned != base
+
+    from gptexp import finetune
+    from gptexp.checkpoints import load
+    from gptexp.models import Llama, LlamaConfig
+
+    state = load(run / "checkpoints" / "last.ckpt")
+    lora = state["gptexp_lora"]
+    model = finetune.apply(Llama(LlamaConfig(**state["gptexp_model"]["config"])),
+                           {"method": "lora", "r": lora["r"], "alpha": lora["alpha"], "dropout": 0.0})
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state["state_dict"].items()})
+    tokenizer = load_source(STORIES).tokenizer
+    ids = [tokenizer.bos_id] + tokenizer.encode("Once upon a time")
+    out = model.eval().generate(torch.tensor([ids]), 40, temperature=0)[0].tolist()
+    assert tuned == tokenizer.decode(out) + "\n"

@@ -9,4 +9,5 @@ COMMANDS = {
     "verify": "check a GPT-2 against llm.c's model + debug state",
     "prepare": "write a dataset as llm.c's token shards",
     "sample": "write text with any model: a run, a .ckpt, HF, Meta, llama2.c or llm.c weights",
+    "evaluate": "score any model: perplexity and bits per byte on a dataset or file, multiple choice",
 }

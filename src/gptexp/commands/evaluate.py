@@ -1,0 +1,153 @@
+"""Score any model: python -m gptexp evaluate source=<...> [task=perplexity|multiple_choice] [key=value ...]
+
+task=perplexity scores a dataset's split (data=shakespeare, data=tinystories, data=text data.path=...) or any
+text file (text=<path>) in windows of the model's context starting `stride` tokens apart (by default one
+less than the window), every token after the first scored once: mean nats per token, perplexity, bits per byte and the tokens scored. task=multiple_choice
+scores a HellaSwag-format JSON-lines file: acc (the ending with the highest summed log-probability) and
+acc_norm (the highest mean per ending token, as llm.c's hellaswag.py scores it). Results go to results.json
+in the output directory and to stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from gptexp.cli import answered_errors, run_command
+from gptexp.config import CONF_DIR, ConfigError
+from gptexp.data import DATASETS
+from gptexp.data.token_files import encode_documents
+from gptexp.scoring import ending_logprobs, perplexity, summary
+from gptexp.sources import load_source
+from gptexp.writing import write_atomically
+
+log = logging.getLogger(__name__)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TASKS = ("perplexity", "multiple_choice")
+
+
+def documents(cfg: DictConfig) -> tuple[list[str], str]:
+    """The documents to score and what they are."""
+    if cfg.text is not None:
+        path = Path(str(cfg.text)).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"text={cfg.text} is not a file; pass a UTF-8 text file")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"text={cfg.text} is not UTF-8 text ({error.reason} at byte {error.start})") from error
+        if not text:
+            raise ConfigError(f"text={cfg.text} is empty")
+        return [text], str(path)
+    if cfg.split not in ("train", "val"):
+        raise ConfigError(f"split={cfg.split!r}: choose train or val")
+    if cfg.data.name not in DATASETS:
+        raise ConfigError(f"data.name={cfg.data.name!r} is not a known dataset; choose one of {', '.join(DATASETS)}")
+    path = {"path": cfg.data.path} if cfg.data.get("path") is not None else {}
+    try:
+        splits = DATASETS[cfg.data.name](cfg.data.val_fraction, source=cfg.data.source, **path)
+    except (ValueError, FileNotFoundError) as error:
+        raise ConfigError(str(error)) from error
+    return splits[cfg.split], f"data={cfg.data.name} split={cfg.split}"
+
+
+def evaluate_perplexity(model, tokenizer, cfg: DictConfig) -> dict:
+    docs, what = documents(cfg)
+    ids = torch.from_numpy(encode_documents(docs, tokenizer).astype("int64"))
+    window = cfg.window or model.context_length
+    if not 1 < window <= model.context_length:
+        raise ConfigError(f"window={window}: choose 2 to the model's context ({model.context_length})")
+    stride = cfg.stride or window - 1
+    if not 0 < stride < window:
+        raise ConfigError(f"stride={stride}: choose 1 to window - 1 ({window - 1}); a window's first token is "
+                          f"scored only from the window before it")
+    if ids.numel() < 2:
+        raise ConfigError(f"{what} has {ids.numel()} token: nothing to predict")
+    nll, tokens = perplexity(model, ids, window, stride, cfg.batch_size)
+    n_bytes = len(tokenizer.decode(ids[1:].tolist()).encode("utf-8"))  # the text of the tokens scored
+    return {"task": "perplexity", "on": what, "window": window, "stride": stride, **summary(nll, tokens, n_bytes)}
+
+
+def read_examples(cfg: DictConfig) -> list[dict]:
+    if cfg.examples is None:
+        raise ConfigError("task=multiple_choice needs examples=<JSON-lines file>, one "
+                          '{"ctx": ..., "endings": [...], "label": N} a line')
+    path = Path(str(cfg.examples)).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"examples={cfg.examples} is not a file")
+    examples = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            example = json.loads(line)
+            ctx, endings, label = example["ctx"], example["endings"], int(example["label"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+            raise ConfigError(f"{path}, line {number}: not an example {{\"ctx\", \"endings\", \"label\"}} "
+                              f"({type(error).__name__}: {error})") from error
+        if not isinstance(endings, list) or len(endings) < 2 or not 0 <= label < len(endings):
+            raise ConfigError(f"{path}, line {number}: needs two or more endings and a label indexing them")
+        examples.append({"ctx": ctx, "endings": endings, "label": label})
+        if cfg.limit and len(examples) == cfg.limit:
+            break
+    if not examples:
+        raise ConfigError(f"examples={cfg.examples} holds no example")
+    return examples
+
+
+def evaluate_multiple_choice(model, tokenizer, cfg: DictConfig) -> dict:
+    examples = read_examples(cfg)
+    correct = correct_norm = 0
+    for example in tqdm(examples, desc="examples", unit="example", leave=False):
+        context = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(example["ctx"])
+        endings = [tokenizer.encode(" " + ending) for ending in example["endings"]]
+        room = model.context_length - max(map(len, endings))
+        if room < 1:
+            raise ConfigError(f"an ending of {max(map(len, endings))} tokens does not fit the model's context "
+                              f"({model.context_length})")
+        scores = ending_logprobs(model, context[-room:], endings)
+        correct += max(range(len(scores)), key=lambda i: scores[i][0]) == example["label"]
+        correct_norm += max(range(len(scores)), key=lambda i: scores[i][0] / scores[i][1]) == example["label"]
+    return {"task": "multiple_choice", "on": str(cfg.examples), "acc": correct / len(examples),
+            "acc_norm": correct_norm / len(examples), "examples": len(examples)}
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    if cfg.task not in TASKS:
+        raise ConfigError(f"task={cfg.task!r}: choose {' or '.join(TASKS)}")
+    if cfg.precision not in DTYPES:
+        raise ConfigError(f"precision={cfg.precision!r}: choose fp32 or bf16")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device={cfg.device!r}: choose auto, cpu or cuda")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda, but torch sees no CUDA device here; use device=cpu (or auto)")
+    if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
+        raise ConfigError(f"batch_size must be an integer >= 1, got {cfg.batch_size!r}")
+    source = load_source(str(cfg.source), cfg.checkpoint)
+    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    model = source.model.to(device=device, dtype=DTYPES[cfg.precision]).eval()
+    task = evaluate_perplexity if cfg.task == "perplexity" else evaluate_multiple_choice
+    results = task(model, source.tokenizer, cfg)
+    results = {"source": str(cfg.source), "model": source.description, "precision": cfg.precision, **results}
+    text = json.dumps(results, indent=2) + "\n"
+    write_atomically(Path(cfg.output_dir) / "results.json", lambda f: f.write(text.encode()))
+    print(text, end="")
+    return results
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    with answered_errors(cfg.output_dir):
+        OmegaConf.set_struct(cfg, False)
+        evaluate(cfg)
+
+
+if __name__ == "__main__":
+    run_command(main)

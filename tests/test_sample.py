@@ -127,11 +127,12 @@ def test_the_stream_is_whole_characters_while_bytes_arrive():
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
 
 
-@pytest.mark.parametrize("case", ["a character the vocabulary lacks", "an empty prompts file"])
+@pytest.mark.parametrize("case", ["a character the vocabulary lacks", "an empty prompts file", "chat without BOS/EOS"])
 def test_bad_prompts_get_one_line_and_leave_nothing(case, run_dir, tmp_path):
     (tmp_path / "empty.txt").write_text("\n\n")
     argument, message = {"a character the vocabulary lacks": ("prompt='café'", "character 'é' is not in this"),
-                         "an empty prompts file": (f"prompts={tmp_path / 'empty.txt'}", "holds no prompt")}[case]
+                         "an empty prompts file": (f"prompts={tmp_path / 'empty.txt'}", "holds no prompt"),
+                         "chat without BOS/EOS": ("mode=chat", "needs BOS and EOS tokens")}[case]
     result = subprocess.run([sys.executable, "-m", "gptexp", "sample", f"source={run_dir}", argument,
                              f"hydra.run.dir={tmp_path / 'out'}"], cwd=ROOT, capture_output=True, text=True,
                             timeout=300, env=os.environ | {"PYTHONWARNINGS": "ignore"})
@@ -170,3 +171,47 @@ def test_a_lora_runs_adapter_is_applied(tmp_path):
     ids = [tokenizer.bos_id] + tokenizer.encode("Once upon a time")
     out = model.eval().generate(torch.tensor([ids]), 40, temperature=0)[0].tolist()
     assert tuned == tokenizer.decode(out) + "\n"
+
+
+def meta_dialog_tokens(tokenizer, dialog: list[dict]) -> list[int]:
+    """Meta's llama/generation.py chat_completion formatting, written out independently of gptexp.chat."""
+    if dialog[0]["role"] == "system":
+        dialog = [{"role": dialog[1]["role"], "content": "<<SYS>>\n" + dialog[0]["content"] + "\n<</SYS>>\n\n"
+                   + dialog[1]["content"]}] + dialog[2:]
+    tokens = []
+    for prompt, answer in zip(dialog[::2], dialog[1::2]):
+        tokens += [1] + tokenizer.encode(f"[INST] {prompt['content'].strip()} [/INST] {answer['content'].strip()} ") + [2]
+    return tokens + [1] + tokenizer.encode(f"[INST] {dialog[-1]['content'].strip()} [/INST]")
+
+
+def test_chat_builds_llama2s_template_turn_by_turn(tmp_path):
+    turns = ["Tell me a story.", "  What happened next? ", "And then?"]
+    result = subprocess.run([sys.executable, "-m", "gptexp", "sample", f"source={STORIES}", "mode=chat",
+                             "system='Be kind.'", "max_new_tokens=24", "temperature=0", f"hydra.run.dir={tmp_path}"],
+                            cwd=ROOT, input="\n".join(turns) + "\n\nnot read\n", capture_output=True, text=True,
+                            timeout=300, env=os.environ | {"PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = records(tmp_path)
+    assert [r["prompt"] for r in rows] == turns  # the empty line ended the chat
+    tokenizer = load_source(STORIES).tokenizer
+    dialog = [{"role": "system", "content": "Be kind."}]
+    for row in rows:
+        dialog.append({"role": "user", "content": row["prompt"]})
+        assert row["prompt_ids"] == meta_dialog_tokens(tokenizer, dialog)
+        dialog.append({"role": "assistant", "content": row["completion"]})
+    assert result.stdout == "".join(r["completion"] + "\n" for r in rows)
+
+
+def test_chat_drops_the_oldest_exchanges_when_the_context_is_full(tmp_path):
+    turns = [f"Turn {i}: " + "tell me about the big red ball and the park " * 3 for i in range(4)]
+    result = subprocess.run([sys.executable, "-m", "gptexp", "sample", f"source={STORIES}", "mode=chat",
+                             "max_new_tokens=380", "temperature=0", f"hydra.run.dir={tmp_path}"], cwd=ROOT,
+                            input="\n".join(turns) + "\n", capture_output=True, text=True, timeout=300,
+                            env=os.environ | {"PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "the history no longer fits the context: the oldest" in result.stderr
+    rows = records(tmp_path)
+    assert len(rows) == 4 and all(len(r["prompt_ids"]) <= 512 - 380 for r in rows)
+    tokenizer = load_source(STORIES).tokenizer
+    last = meta_dialog_tokens(tokenizer, [{"role": "user", "content": turns[-1]}])
+    assert rows[-1]["prompt_ids"][-len(last):] == last  # the newest message is always whole

@@ -1,10 +1,11 @@
-"""Write text with any model: python -m gptexp sample source=<...> [prompt=... | prompts=<file>] [key=value ...]
+"""Write text with any model: python -m gptexp sample source=<...> [prompt=... | prompts=<file> | mode=chat] [...]
 
 The text streams to stdout token by token (valid UTF-8 even while a character is split across byte tokens),
 samples separated by a line of dashes; stderr gets each sample's prompt tokens, new tokens, time to the
 first token and tokens/s. With prompts=<file> every line is a prompt, and the prompts of one token length are
 decoded as one batch (the models take no padding). Every run writes samples.jsonl into its output directory:
-prompt, completion, token counts and what ended each sample.
+prompt, completion, token counts and what ended each sample. mode=chat talks to a LLaMA-2 chat model: one
+turn a line from stdin, in LLaMA-2's chat template (gptexp.chat), until an empty line or EOF.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from gptexp.chat import fitting_history
 from gptexp.cli import answered_errors, run_command
 from gptexp.config import CONF_DIR, ConfigError
 from gptexp.data.tokenizers import end_of_text_ids, prompt_ids
@@ -114,6 +116,8 @@ def check(cfg: DictConfig) -> None:
         check_sampling(cfg.temperature, cfg.top_k, cfg.top_p)
     except (ValueError, TypeError) as error:
         raise ConfigError(str(error)) from error
+    if cfg.mode not in ("generate", "chat"):
+        raise ConfigError(f"mode={cfg.mode!r}: choose generate or chat")
     if isinstance(cfg.stop, str):
         cfg.stop = [cfg.stop]
 
@@ -158,9 +162,38 @@ def sample_batch(model, tokenizer, batch: list[Completion], prompts: list[list[i
           f"{new_tokens / seconds:.1f} tokens/s]", file=sys.stderr, flush=True)
 
 
+def chat(model, tokenizer, cfg: DictConfig, generator: torch.Generator) -> list[dict]:
+    """Turns from stdin, one a line, answered in LLaMA-2's chat template until an empty line or EOF; the
+    oldest exchanges are dropped, with a note, when the history no longer fits the context."""
+    room = model.context_length - cfg.max_new_tokens
+    if room < 1:
+        raise ConfigError(f"max_new_tokens={cfg.max_new_tokens} leaves no room for a message in the model's "
+                          f"context ({model.context_length})")
+    history, records = [], []
+    while True:
+        if sys.stdin.isatty():
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line.strip():
+            return records
+        message = line.rstrip("\n")
+        try:
+            kept, ids = fitting_history(tokenizer, history, message, cfg.system, room)
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
+        if len(kept) < len(history):
+            print(f"[the history no longer fits the context: the oldest {len(history) - len(kept)} exchange(s) "
+                  f"dropped]", file=sys.stderr, flush=True)
+            history = kept
+        completion = Completion(message, ids)
+        sample_batch(model, tokenizer, [completion], [ids], cfg, generator, stream=True)
+        history.append((message, completion.text))
+        records.append(completion.record() | {"prompt_ids": ids, "answer_ids": completion.ids})
+
+
 def sample(cfg: DictConfig) -> list[dict]:
     check(cfg)
-    prompts = read_prompts(cfg)
+    prompts = read_prompts(cfg) if cfg.mode == "generate" else []
     source = load_source(str(cfg.source), cfg.checkpoint)
     device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
                           else "cpu")
@@ -169,6 +202,13 @@ def sample(cfg: DictConfig) -> list[dict]:
     log.info("%s: %.2fM parameters, tokenizer %s (%d tokens), %s on %s", source.description,
              model.num_parameters() / 1e6, tokenizer.name, tokenizer.vocab_size, cfg.precision, device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    if cfg.mode == "chat":
+        if tokenizer.bos_id is None or getattr(tokenizer, "eos_id", None) is None:
+            raise ConfigError(f"mode=chat uses LLaMA-2's chat template, which needs BOS and EOS tokens; "
+                              f"{source.description}'s tokenizer ({tokenizer.name}) has none")
+        records = chat(model, tokenizer, cfg, generator)
+        write_records(Path(cfg.output_dir) / "samples.jsonl", records)
+        return records
     completions = [[Completion(text, ids) for _ in range(cfg.num_samples)] for text, ids in zip(prompts, encoded)]
     if cfg.prompts is None:  # one prompt: its samples one after another, each streamed
         for i, completion in enumerate(completions[0]):
@@ -187,9 +227,13 @@ def sample(cfg: DictConfig) -> list[dict]:
                 print(SEPARATOR)
             print(completion.prompt + completion.text)
     records = [c.record() for row in completions for c in row]
-    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
-    write_atomically(Path(cfg.output_dir) / "samples.jsonl", lambda f: f.write(lines))
+    write_records(Path(cfg.output_dir) / "samples.jsonl", records)
     return records
+
+
+def write_records(path: Path, records: list[dict]) -> None:
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
+    write_atomically(path, lambda f: f.write(lines))
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")

@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from gptexp.data.shakespeare import load_splits  # noqa: E402
 from gptexp.data.tokenizers import gpt2_tokenizer  # noqa: E402
-from gptexp.commands.export import load_gpt2  # noqa: E402
 from gptexp.hardware import measured_cpu_memory_bandwidth  # noqa: E402
 from gptexp.models.gpt2 import state_dict_to_hf  # noqa: E402
+from gptexp.sources import load_source  # noqa: E402
 
 
 def hf_copy(model):
@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
-    fp32 = load_gpt2(args.run)
+    fp32 = load_source(args.run).model.float().eval()
     models = {"fp32": fp32, "bf16": copy.deepcopy(fp32).to(torch.bfloat16)}
     tokenizer = gpt2_tokenizer()
     val = torch.tensor(tokenizer.encode("".join(load_splits(0.1)["val"])))

@@ -112,8 +112,8 @@ class RunLock:
 
     def refusal(self, holder: dict) -> str:
         who = describe(holder) if holder else "another process"
-        way_out = (f"wait for it to end or stop it, or give this run a directory of its own with "
-                   f"hydra.run.dir=<directory>")
+        way_out = ("wait for it to end or stop it, or give this run a directory of its own with "
+                   "hydra.run.dir=<directory>")
         if holder and holder.get("host") != socket.gethostname():
             way_out += f"; if that run is gone (a lost node), delete {self.path}"
         return f"{self.directory} is in use by another run, {who}; {way_out}"

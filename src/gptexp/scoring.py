@@ -9,6 +9,7 @@ HF's loop would leave each window's first token unscored, so it is refused).
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm

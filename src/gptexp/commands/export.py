@@ -1,53 +1,27 @@
 """Write a GPT-2 in another format: python -m gptexp export format=llmc source=<...> output=<...>
 
-source: a run directory (its checkpoints/last.ckpt) or a .ckpt file, an HF GPT-2 directory or hub id,
-or an llm.c .bin. format=llmc writes llm.c's model file (and with state=<path>, a debug state for a
+source: any GPT-2 gptexp reads (gptexp.sources): a run directory (its last checkpoint, or checkpoint=best), a
+.ckpt file (a LoRA run's with its adapter merged in), an HF GPT-2 directory or hub id, or an llm.c .bin. format=llmc writes llm.c's model file (and with state=<path>, a debug state for a
 batch of random tokens); format=hf writes a directory transformers.GPT2LMHeadModel reads.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import hydra
 import torch
 from omegaconf import DictConfig
 
-from gptexp.checkpoints import load, resolve_ckpt_path
 from gptexp.cli import answered_errors, run_command
 from gptexp.config import CONF_DIR, ConfigError
-from gptexp.models import ARCHITECTURES, GPT2
-from gptexp.models.llmc import read_model, write_model, write_state
+from gptexp.models import GPT2
+from gptexp.models.llmc import write_model, write_state
+from gptexp.sources import load_source
 from gptexp.writing import writing
 
 
-def load_checkpoint(path: str | Path) -> torch.nn.Module:
-    """The model of a gptexp training checkpoint (the architecture is stored in it)."""
-    checkpoint = load(path)  # a Lightning checkpoint: trusted, yours
-    if "gptexp_model" not in checkpoint:
-        raise ConfigError(f"{path} does not record its architecture (written before gptexp stored it)")
-    spec = checkpoint["gptexp_model"]
-    model_cls, config_cls = next(v for v in ARCHITECTURES.values() if v[0].__name__ == spec["class"])
-    state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-    if any("lora_" in k for k in state):
-        raise ConfigError(f"{path} is a LoRA run: export its merged model instead (train with "
-                          f"finetune.save_merged=true, then source=<run>/merged)")
-    model = model_cls(config_cls(**spec["config"]))
-    model.load_state_dict(state)
-    return model
-
-
-def load_gpt2(source: str) -> GPT2:
-    path = Path(source).expanduser()
-    if path.is_file() and path.suffix not in (".bin", ".ckpt"):
-        raise ConfigError(f"source={source} is neither an llm.c model (.bin) nor a training checkpoint (.ckpt); "
-                          f"pass one of those, a run directory, an HF GPT-2 directory or a hub id")
-    if path.suffix == ".bin" and path.is_file():
-        model = read_model(path)
-    elif path.suffix == ".ckpt" or (path.is_dir() and not (path / "config.json").exists()):
-        model = load_checkpoint(resolve_ckpt_path(str(path)))
-    else:
-        model = GPT2.from_pretrained(source)
+def load_gpt2(source: str, checkpoint: str = "last") -> GPT2:
+    """The GPT-2 `source` names (any format gptexp.sources reads; a LoRA run's adapter merged in)."""
+    model = load_source(source, checkpoint).model
     if not isinstance(model, GPT2):
         raise ConfigError(f"source={source} holds a {type(model).__name__}; only GPT-2 exports to these formats")
     return model.float().eval()
@@ -56,7 +30,7 @@ def load_gpt2(source: str) -> GPT2:
 def export(cfg: DictConfig) -> None:
     if cfg.format not in ("llmc", "hf"):
         raise ConfigError(f"format={cfg.format!r}: choose llmc or hf")
-    model = load_gpt2(str(cfg.source))
+    model = load_gpt2(str(cfg.source), cfg.checkpoint)
     if cfg.format == "hf":
         with writing(cfg.output):
             model.save_pretrained(cfg.output)

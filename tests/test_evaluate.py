@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,8 +21,9 @@ from gptexp.sources import load_source
 STORIES = asset_path("stories260K/stories260K.bin")
 
 
-def evaluate(*args: str, out, status: int = 0) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "gptexp", "evaluate", *args, f"hydra.run.dir={out}"], cwd=ROOT,
+def evaluate(*args: str, out, status: int = 0, logger: str = "none") -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "gptexp", "evaluate", *args, f"logger={logger}",
+                             f"hydra.run.dir={out}"], cwd=ROOT,
                             capture_output=True, text=True, timeout=300, env=os.environ | {"PYTHONWARNINGS": "ignore"})
     assert result.returncode == status, result.stderr[-3000:]
     return result
@@ -133,3 +135,18 @@ def test_bad_input_gets_one_line(case, tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(errors) == 1 and message in errors[0], result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_results_go_to_a_wandb_run_of_job_type_eval(tmp_path):
+    evaluate(f"source={STORIES}", f"text={ROOT / 'src/gptexp/assets/tinystories_sample.txt'}", "window=128",
+             "stride=127", out=tmp_path, logger="wandb")
+    results = json.loads((tmp_path / "results.json").read_text())
+    (record,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    wandb_cli = Path(sys.executable).parent / "wandb"
+    lines = subprocess.run([str(wandb_cli), "leet", "inspect", "--json", str(record)], capture_output=True, text=True,
+                           check=True, timeout=300).stdout.splitlines()
+    items = [json.loads(line) for line in lines]
+    assert any(item.get("run", {}).get("job_type") == "eval" for item in items)
+    logged = [item["history"]["item"] for item in items if "history" in item]
+    assert logged and logged[-1]["eval/perplexity"] == pytest.approx(results["perplexity"], rel=1e-12)
+    assert logged[-1]["eval/tokens"] == results["tokens"]

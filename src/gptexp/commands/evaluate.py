@@ -5,7 +5,7 @@ text file (text=<path>) in windows of the model's context starting `stride` toke
 less than the window), every token after the first scored once: mean nats per token, perplexity, bits per byte and the tokens scored. task=multiple_choice
 scores a HellaSwag-format JSON-lines file: acc (the ending with the highest summed log-probability) and
 acc_norm (the highest mean per ending token, as llm.c's hellaswag.py scores it). Results go to results.json
-in the output directory and to stdout.
+in the output directory, to stdout and (logger=wandb, the default) to a wandb run of job type eval.
 """
 
 from __future__ import annotations
@@ -138,8 +138,20 @@ def evaluate(cfg: DictConfig) -> dict:
     results = {"source": str(cfg.source), "model": source.description, "precision": cfg.precision, **results}
     text = json.dumps(results, indent=2) + "\n"
     write_atomically(Path(cfg.output_dir) / "results.json", lambda f: f.write(text.encode()))
+    if (cfg.get("logger") or {}).get("wandb"):
+        log_to_wandb(cfg, results)
     print(text, end="")
     return results
+
+
+def log_to_wandb(cfg: DictConfig, results: dict) -> None:
+    """The results as a wandb run of job type eval, in the training runs' project, its numbers in the summary."""
+    logger = hydra.utils.instantiate(cfg.logger.wandb, job_type="eval")
+    logger.experiment.config.update({k: v for k, v in results.items() if isinstance(v, str)})
+    numbers = {f"eval/{k}": v for k, v in results.items() if isinstance(v, (int, float))}
+    logger.log_metrics(numbers)
+    logger.experiment.summary.update(numbers)
+    logger.experiment.finish()
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")

@@ -7,7 +7,7 @@ import pandas as pd
 from plotnine import (aes, coord_flip, facet_wrap, geom_col, geom_line, geom_point, ggplot, labs, scale_x_log10,
                       scale_y_log10, theme, theme_bw)
 
-from runs import Run
+from runs import Run, differing_keys
 
 PHASES = ["data", "forward", "backward", "optimizer"]
 
@@ -89,14 +89,9 @@ def memory(runs: list[Run]) -> ggplot | None:
     return faceted(runs, "mem/", "memory (MB) and tensor allocations per step", geom_point(size=1))
 
 
-def swept_keys(runs: list[Run]) -> list[str]:
-    """The overrides whose values differ between the runs."""
-    return sorted({k for run in runs for k in run.overrides if len({r.overrides.get(k) for r in runs}) > 1})
-
-
 def sweep(runs: list[Run]) -> ggplot | None:
     """Each run's best validation loss against each hyperparameter the sweep varied, one panel per parameter."""
-    swept = swept_keys(runs)
+    swept = differing_keys(runs)
     rows = [{"parameter": key, "value": run.overrides.get(key), "best val/loss": run.metrics["val/loss"].min(),
              "run": run.name}
             for run in runs if "val/loss" in run.metrics for key in swept]

@@ -1,7 +1,9 @@
 """A report of a run or a sweep: python analysis/report.py <run or sweep directory> [--wandb entity/project]
 
 Writes <directory>/report/: each figure that the runs' metrics allow (loss, perplexity, throughput,
-phases, memory, sweep) as PNG and PDF, and summary.md, a table of the runs and links to the figures.
+phases, memory, sweep) as PNG and PDF, and summary.md: a table of the runs, each named by the values that set
+it apart (`optim.lr=0.003`), the evaluations run on them (`python -m gptexp evaluate source=<run>`, found
+under --evaluations) and links to the figures.
 The directory may also be a wandb offline run folder; with --wandb the runs come from the wandb API.
 """
 
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import figures
 import pandas as pd
-from runs import Run, load
+from runs import Run, differing_keys, evaluations, load
 
 
 def last(run: Run, column: str) -> float:
@@ -26,9 +28,9 @@ def median(run: Run, column: str) -> float:
     return float(values.median()) if len(values) else math.nan
 
 
-def summary(runs: list[Run], written: list[str], source: str) -> str:
+def summary(runs: list[Run], written: list[str], source: str, evaluated: list[dict] = ()) -> str:
     """Markdown: one row per run (its overrides, length, best and final validation, speed, phase shares)."""
-    swept = figures.swept_keys(runs) if len(runs) > 1 else list(runs[0].overrides)
+    swept = differing_keys(runs) if len(runs) > 1 else list(runs[0].overrides)
     common = {k: v for k, v in runs[0].overrides.items() if k not in swept}
     lines = [f"# Report: {source}", "", f"{len(runs)} run{'s' if len(runs) > 1 else ''}"
              + (f"; every run with {', '.join(f'`{k}={v}`' for k, v in common.items())}" if common else "") + ".", "",
@@ -45,14 +47,23 @@ def summary(runs: list[Run], written: list[str], source: str) -> str:
                      f"{median(run, 'perf/mfu'):.1%} | {shares} |")
     if len(runs) > 1 and any("val/loss" in r.metrics for r in runs):
         best_run = min((r for r in runs if "val/loss" in r.metrics), key=lambda r: r.metrics["val/loss"].min())
-        lines += ["", f"Best: **{best_run.name}** ({', '.join(f'{k}={best_run.overrides.get(k)}' for k in swept)}), "
-                      f"val/loss {best_run.metrics['val/loss'].min():.4f}."]
+        lines += ["", f"Best: **{best_run.name}**, val/loss {best_run.metrics['val/loss'].min():.4f}."]
+    if evaluated:
+        lines += ["", "## Evaluations", "", "| run | task | on | perplexity | bits/byte | acc | acc_norm | scored |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for e in evaluated:
+            cells = [f"{e[k]:.4f}" if isinstance(e.get(k), float) else "" for k in ("perplexity", "bits_per_byte",
+                                                                                 "acc", "acc_norm")]
+            scored = f"{e['tokens']:,} tokens" if "tokens" in e else f"{e.get('examples', 0):,} examples"
+            lines.append(f"| {e['run']} | {e['task']} | {e.get('on', '')} | {' | '.join(cells)} | {scored} |")
     lines += ["", "## Figures", ""] + [f"![{name}]({name}.png) ([PDF]({name}.pdf))" for name in written]
     return "\n".join(lines) + "\n"
 
 
-def report(path: str | Path, wandb_project: str | None = None, out: str | Path | None = None) -> Path:
+def report(path: str | Path, wandb_project: str | None = None, out: str | Path | None = None,
+           evaluations_dir: str | Path = "outputs/evaluate") -> Path:
     runs = load(path, wandb_project)
+    evaluated = evaluations(runs, evaluations_dir) if Path(evaluations_dir).is_dir() else []
     out = Path(out or Path(path) / "report")
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -62,7 +73,7 @@ def report(path: str | Path, wandb_project: str | None = None, out: str | Path |
             for extension in ("png", "pdf"):
                 figure.save(out / f"{name}.{extension}", width=9, height=4.5, dpi=120, verbose=False)
             written.append(name)
-    (out / "summary.md").write_text(summary(runs, written, wandb_project or str(path)))
+    (out / "summary.md").write_text(summary(runs, written, wandb_project or str(path), evaluated))
     return out
 
 
@@ -78,12 +89,15 @@ def main() -> None:
     parser.add_argument("path", help="a run directory, a sweep directory or a wandb offline run folder")
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read the runs from the wandb API instead")
     parser.add_argument("--out", help="where to write the report (default: <path>/report)")
+    parser.add_argument("--evaluations", default="outputs/evaluate", metavar="DIR",
+                        help="where to look for the results.json of `python -m gptexp evaluate` runs on these runs "
+                             "(default: outputs/evaluate)")
     args = parser.parse_args()
     if not args.wandb and not Path(args.path).is_dir():
         parser.exit(2, f"error: {args.path} is not a directory; pass a run directory (outputs/<date>/<time>), "
                        f"a sweep directory (multirun/<date>/<time>) or a wandb offline-run-* folder\n")
     try:
-        print(report(args.path, args.wandb, args.out))
+        print(report(args.path, args.wandb, args.out, args.evaluations))
     except (FileNotFoundError, NotADirectoryError, PermissionError, pd.errors.EmptyDataError, pd.errors.ParserError,
             KeyError) as error:
         parser.exit(2, f"error: {error}\n")

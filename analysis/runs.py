@@ -20,6 +20,7 @@ class Run:
     metrics: pd.DataFrame  # one row per logged step: `steps` (optimizer steps done) and a column per metric
     config: dict = field(default_factory=dict)
     overrides: dict[str, str] = field(default_factory=dict)  # the command line's key=value (sweeps vary these)
+    path: Path | None = None  # the run directory, where there is one
 
 
 def load(path: str | Path, wandb_project: str | None = None) -> list[Run]:
@@ -37,7 +38,41 @@ def load(path: str | Path, wandb_project: str | None = None) -> list[Run]:
     if not runs:
         raise FileNotFoundError(f"no runs under {path}: expected metrics.csv in it or in its job directories, "
                                 f"or wandb offline-run-* folders")
+    return named_by_differences(runs)
+
+
+def differing_keys(runs: list[Run]) -> list[str]:
+    """The overrides whose values differ between the runs."""
+    return sorted({k for run in runs for k in run.overrides if len({r.overrides.get(k) for r in runs}) > 1})
+
+
+def named_by_differences(runs: list[Run]) -> list[Run]:
+    """Each run named by the values that set it apart (`optim.lr=0.003, seed=2`) instead of its job index;
+    runs alike in every override keep their names after it."""
+    keys = differing_keys(runs)
+    if len(runs) < 2 or not keys:
+        return runs
+    labels = [", ".join(f"{k}={run.overrides[k]}" for k in keys if k in run.overrides) or "defaults" for run in runs]
+    for run, label in zip(runs, labels):
+        run.name = label if labels.count(label) == 1 else f"{label} ({run.name})"
     return runs
+
+
+def evaluations(runs: list[Run], directory: str | Path) -> list[dict]:
+    """The results.json of every `python -m gptexp evaluate` under `directory` whose source is one of the runs
+    (the run directory, or a checkpoint in it), each with the run's name."""
+    by_path = {run.path.resolve(): run for run in runs if run.path is not None}
+    found = []
+    for results_file in sorted(Path(directory).glob("**/results.json")):
+        try:
+            results = json.loads(results_file.read_text())
+            source = Path(results["source"]).expanduser().resolve()
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not an evaluation's results
+        run = by_path.get(source) or (by_path.get(source.parent.parent) if source.suffix == ".ckpt" else None)
+        if run is not None:
+            found.append(results | {"run": run.name, "file": str(results_file)})
+    return found
 
 
 def _job_order(job: Path):
@@ -56,7 +91,8 @@ def load_run_dir(path: Path) -> Run:
     config = yaml.safe_load((hydra / "config.yaml").read_text()) if (hydra / "config.yaml").is_file() else {}
     overrides = yaml.safe_load((hydra / "overrides.yaml").read_text()) if (hydra / "overrides.yaml").is_file() else []
     pairs = dict(o.lstrip("+~").split("=", 1) for o in overrides or [] if "=" in o)
-    return Run(name=path.name, metrics=with_steps(pd.read_csv(path / "metrics.csv")), config=config, overrides=pairs)
+    return Run(name=path.name, metrics=with_steps(pd.read_csv(path / "metrics.csv")), config=config, overrides=pairs,
+               path=path)
 
 
 def load_wandb_offline(folder: Path) -> Run:

@@ -1,5 +1,6 @@
 """analysis/report.py renders every figure from a real run and a real sweep; the images are checked."""
 
+import json
 import subprocess
 import sys
 
@@ -40,13 +41,24 @@ def test_report_of_a_run(run_dir):
     assert f"{best:.4f}" in summary and "![loss](loss.png)" in summary
 
 
-def test_report_of_a_sweep(sweep_dir):
-    report(sweep_dir)
+def test_report_of_a_sweep(sweep_dir, tmp_path):
+    """Runs named by what differs between them, and an evaluation of one of them folded in."""
+    evaluation = subprocess.run([sys.executable, "-m", "gptexp", "evaluate", f"source={sweep_dir / '1'}", "logger=none",
+                                 f"hydra.run.dir={tmp_path / 'evaluate' / 'one'}"], cwd=ROOT, capture_output=True,
+                                text=True, timeout=300)
+    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    results = json.loads((tmp_path / "evaluate" / "one" / "results.json").read_text())
+    report(sweep_dir, "--evaluations", tmp_path / "evaluate")
     out = sweep_dir / "report"
     for name in (*RUN_FIGURES, "sweep"):
         check_figure(out / f"{name}.png", out / f"{name}.pdf")
     summary = (out / "summary.md").read_text()
-    assert "`optim.lr=0.001`" in summary and "`optim.lr=0.003`" in summary and "Best: **" in summary
+    assert "| optim.lr=0.001 | `optim.lr=0.001`" in summary and "| optim.lr=0.003 |" in summary
+    assert "Best: **optim.lr=0.00" in summary
+    assert "## Evaluations" in summary
+    assert (f"| optim.lr=0.003 | perplexity | data=shakespeare split=val | {results['perplexity']:.4f} | "
+            f"{results['bits_per_byte']:.4f} |") in summary
+    assert [run.name for run in load(sweep_dir)] == ["optim.lr=0.001", "optim.lr=0.003"]
 
 
 def test_wandb_offline_run_folder_gives_the_same_metrics(run_dir, tmp_path):

@@ -238,3 +238,12 @@ def test_commands_answer_in_one_line_from_the_command_line(command, tmp_path):
     assert result.returncode == 2
     one_line_error(result.stderr, ["seed must be an integer" if command[0] == "train.py" else "does not exist"])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unknown_command_is_named_with_the_choices(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "gptexp", "smaple", "source=x"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    one_line_error(result.stderr, ["unknown command 'smaple': choose train, sample, evaluate, bench"])
+    listing = subprocess.run([sys.executable, "-m", "gptexp", "--help"], capture_output=True, text=True, timeout=120)
+    assert listing.returncode == 0 and "evaluate" in listing.stderr and list(tmp_path.iterdir()) == []

@@ -45,6 +45,9 @@ def test_a_stop_string_ends_the_sample_before_it(tmp_path):
     sample(f"source={STORIES}", "prompt='Once upon a time'", "temperature=0", "stop=[Lily,park]", out=tmp_path)
     [record] = records(tmp_path)
     assert record["completion"] == ", there was a little girl named " and record["ended_by"] == "'Lily'"
+    sample(f"source={STORIES}", "prompt=''", "temperature=0", r"stop=['\n']", out=tmp_path / "escaped")
+    [record] = records(tmp_path / "escaped")  # '\n' on the command line is a newline
+    assert record["completion"] == LLAMA2C_EXPECTED.split("\n")[0] and record["ended_by"] == repr("\n")
 
 
 def test_the_end_of_a_story_ends_the_sample_unless_told_otherwise(tmp_path):

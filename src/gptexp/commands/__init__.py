@@ -4,10 +4,10 @@ callbacks, finetune, checkpoints, ...). Run one as `python -m gptexp <command> [
 
 COMMANDS = {
     "train": "train or finetune a model (also: python train.py)",
+    "sample": "write text with any model (mode=chat: talk to a LLaMA-2 chat model)",
+    "evaluate": "score any model: perplexity and bits per byte on a dataset or file, multiple choice",
     "bench": "benchmark gptexp against HF transformers, fp32 and bf16",
     "export": "write a GPT-2 as llm.c's model file or an HF directory",
     "verify": "check a GPT-2 against llm.c's model + debug state",
     "prepare": "write a dataset as llm.c's token shards",
-    "sample": "write text with any model: a run, a .ckpt, HF, Meta, llama2.c or llm.c weights",
-    "evaluate": "score any model: perplexity and bits per byte on a dataset or file, multiple choice",
 }

@@ -118,8 +118,11 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError(str(error)) from error
     if cfg.mode not in ("generate", "chat"):
         raise ConfigError(f"mode={cfg.mode!r}: choose generate or chat")
-    if isinstance(cfg.stop, str):
-        cfg.stop = [cfg.stop]
+    stops = [cfg.stop] if isinstance(cfg.stop, str) else list(cfg.stop)
+    # Hydra passes "\n" on as a backslash and an n: read escapes as Python does, so stop=['\n\n'] is a blank line
+    cfg.stop = [str(stop).encode("latin-1", "backslashreplace").decode("unicode_escape") for stop in stops]
+    if not all(cfg.stop):
+        raise ConfigError("stop=[...]: an empty stop string would end every sample at once")
 
 
 def sample_batch(model, tokenizer, batch: list[Completion], prompts: list[list[int]], cfg: DictConfig,

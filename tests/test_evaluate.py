@@ -128,7 +128,7 @@ def test_bad_input_gets_one_line(case, tmp_path):
         "label out of range": (["task=multiple_choice", f"examples={tmp_path / 'label.jsonl'}"],
                                "label.jsonl, line 1: needs two or more endings and a label indexing them"),
         "no examples file": (["task=multiple_choice"], "task=multiple_choice needs examples=<JSON-lines file>"),
-        "unknown task": (["task=rouge"], "task='rouge': choose perplexity or multiple_choice"),
+        "unknown task": (["task=rouge"], "task='rouge': choose perplexity, multiple_choice or lm_eval"),
         "stride as long as the window": (["window=16", "stride=16"], "stride=16: choose 1 to window - 1 (15)"),
     }[case]
     result = evaluate(f"source={STORIES}", *arguments, out=tmp_path / "out", status=2)

@@ -6,6 +6,7 @@ less than the window), every token after the first scored once: mean nats per to
 scores a HellaSwag-format JSON-lines file: acc (the ending with the highest summed log-probability) and
 acc_norm (the highest mean per ending token, as llm.c's hellaswag.py scores it). Results go to results.json
 in the output directory, to stdout and (logger=wandb, the default) to a wandb run of job type eval.
+task=lm_eval runs EleutherAI's harness tasks (tasks=[...], your own with include_path=) on the model.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from gptexp.writing import write_atomically
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-TASKS = ("perplexity", "multiple_choice")
+TASKS = ("perplexity", "multiple_choice", "lm_eval")
 
 
 def documents(cfg: DictConfig) -> tuple[list[str], str]:
@@ -118,9 +119,34 @@ def evaluate_multiple_choice(model, tokenizer, cfg: DictConfig) -> dict:
             "acc_norm": correct_norm / len(examples), "examples": len(examples)}
 
 
+def evaluate_lm_eval(model, tokenizer, cfg: DictConfig) -> dict:
+    """The harness's tasks on the model, through gptexp.lm_eval_adapter; its per-task metrics."""
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError as error:
+        raise ConfigError('task=lm_eval needs EleutherAI\'s harness: pip install -e ".[eval]"') from error
+    from gptexp.lm_eval_adapter import GptexpLM
+    from gptexp.sources import Source
+
+    tasks = [cfg.tasks] if isinstance(cfg.tasks, str) else list(cfg.tasks)
+    if not tasks:
+        raise ConfigError("task=lm_eval needs tasks=[...]: the harness's task names, e.g. tasks=[hellaswag]")
+    manager = TaskManager(include_path=str(cfg.include_path) if cfg.include_path else None)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise ConfigError(f"tasks={unknown}: not tasks the harness knows"
+                          + ("" if cfg.include_path else "; your own task YAMLs go in include_path=<dir>"))
+    output = lm_eval.simple_evaluate(model=GptexpLM(Source(model, tokenizer, "")), tasks=tasks, task_manager=manager,
+                                     num_fewshot=cfg.num_fewshot, limit=cfg.limit, log_samples=False)
+    metrics = {task: {k.split(",")[0]: v for k, v in values.items() if isinstance(v, (int, float)) and "stderr" not in k}
+               for task, values in output["results"].items()}
+    return {"task": "lm_eval", "on": ", ".join(tasks), "tasks": metrics}
+
+
 def evaluate(cfg: DictConfig) -> dict:
     if cfg.task not in TASKS:
-        raise ConfigError(f"task={cfg.task!r}: choose {' or '.join(TASKS)}")
+        raise ConfigError(f"task={cfg.task!r}: choose {', '.join(TASKS[:-1])} or {TASKS[-1]}")
     if cfg.precision not in DTYPES:
         raise ConfigError(f"precision={cfg.precision!r}: choose fp32 or bf16")
     if cfg.device not in ("auto", "cpu", "cuda"):
@@ -133,7 +159,8 @@ def evaluate(cfg: DictConfig) -> dict:
     device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     model = source.model.to(device=device, dtype=DTYPES[cfg.precision]).eval()
-    task = evaluate_perplexity if cfg.task == "perplexity" else evaluate_multiple_choice
+    task = {"perplexity": evaluate_perplexity, "multiple_choice": evaluate_multiple_choice,
+            "lm_eval": evaluate_lm_eval}[cfg.task]
     results = task(model, source.tokenizer, cfg)
     results = {"source": str(cfg.source), "model": source.description, "precision": cfg.precision, **results}
     text = json.dumps(results, indent=2) + "\n"
@@ -149,6 +176,7 @@ def log_to_wandb(cfg: DictConfig, results: dict) -> None:
     logger = hydra.utils.instantiate(cfg.logger.wandb, job_type="eval")
     logger.experiment.config.update({k: v for k, v in results.items() if isinstance(v, str)})
     numbers = {f"eval/{k}": v for k, v in results.items() if isinstance(v, (int, float))}
+    numbers |= {f"eval/{task}/{k}": v for task, values in results.get("tasks", {}).items() for k, v in values.items()}
     logger.log_metrics(numbers)
     logger.experiment.summary.update(numbers)
     logger.experiment.finish()

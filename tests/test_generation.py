@@ -88,3 +88,25 @@ def test_onednn_linears_leave_other_models_alone(change):
         model.compile()
     with torch.backends.mkldnn.flags(enabled=change != "onednn_off"), onednn_linears(model, 1, min_bytes=0) as packed:
         assert not packed
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_prompts_of_different_lengths_decode_in_one_padded_batch(arch):
+    """Left-padded rows (their padding masked, their positions their own) write what each prompt writes alone."""
+    from gptexp.models import Llama, LlamaConfig
+    from gptexp.models.generation import decode
+
+    torch.manual_seed(0)
+    model = (GPT2(GPT2Config(block_size=48, vocab_size=97, n_layer=2, n_head=2, n_embd=32)) if arch == "gpt2" else
+             Llama(LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=97,
+                               max_seq_len=48))).eval()
+    prompts = [torch.randint(1, 97, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (3, 9, 6)]
+    width = max(map(len, prompts))
+    idx = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    pad = torch.tensor([width - len(p) for p in prompts])
+    batched = torch.cat(list(decode(model, idx, 12, temperature=0, pad=pad)), dim=1)
+    for row, prompt in enumerate(prompts):
+        alone = model.generate(torch.tensor([prompt]), 12, temperature=0)[0, len(prompt):]
+        assert torch.equal(batched[row], alone), (row, batched[row], alone)
+    with pytest.raises(ValueError, match="within the context"):
+        decode(model, idx, 48, temperature=0, pad=pad)

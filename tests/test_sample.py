@@ -74,11 +74,12 @@ def test_the_same_seed_writes_the_same_text(run_dir, tmp_path):
     assert first.stderr.count("new tokens") == 2
 
 
-def test_a_file_of_prompts_is_decoded_in_batches_and_written_as_json_lines(tmp_path):
+def test_a_file_of_prompts_is_decoded_as_one_batch_and_written_as_json_lines(tmp_path):
     prompts = ["Once upon a time", "The cat", "Once upon a dog", "A big red ball"]
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n\n")
-    sample(f"source={STORIES}", f"prompts={tmp_path / 'prompts.txt'}", "temperature=0", "max_new_tokens=20",
-           out=tmp_path / "out")
+    result = sample(f"source={STORIES}", f"prompts={tmp_path / 'prompts.txt'}", "temperature=0", "max_new_tokens=20",
+                    out=tmp_path / "out")
+    assert result.stderr.count("new tokens") == 1 and "[4 x 4-8 prompt tokens" in result.stderr  # one padded batch (BOS included)
     rows = records(tmp_path / "out")
     assert [r["prompt"] for r in rows] == prompts
     model = load_source(STORIES).model  # each completion is the prompt's own greedy continuation

@@ -2,8 +2,8 @@
 
 The text streams to stdout token by token (valid UTF-8 even while a character is split across byte tokens),
 samples separated by a line of dashes; stderr gets each sample's prompt tokens, new tokens, time to the
-first token and tokens/s. With prompts=<file> every line is a prompt, and the prompts of one token length are
-decoded as one batch (the models take no padding). Every run writes samples.jsonl into its output directory:
+first token and tokens/s. With prompts=<file> every line is a prompt, all decoded as one left-padded batch
+(one batch per prompt length where the longest prompt and max_new_tokens outgrow the context). Every run writes samples.jsonl into its output directory:
 prompt, completion, token counts and what ended each sample. mode=chat talks to a LLaMA-2 chat model: one
 turn a line from stdin, in LLaMA-2's chat template (gptexp.chat), until an empty line or EOF.
 """
@@ -127,14 +127,17 @@ def check(cfg: DictConfig) -> None:
 
 def sample_batch(model, tokenizer, batch: list[Completion], prompts: list[list[int]], cfg: DictConfig,
                  generator: torch.Generator, stream: bool) -> None:
-    """Decode the samples of `batch` together, each from its prompt ids (all of one length), filling each
-    Completion; with `stream`, the one sample's text goes to stdout as it comes."""
+    """Decode the samples of `batch` together, each from its prompt ids (left-padded where their lengths
+    differ), filling each Completion; with `stream`, the one sample's text goes to stdout as it comes."""
     device = next(model.parameters()).device
-    idx = torch.tensor(prompts, device=device)
+    width = max(map(len, prompts))
+    idx = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
+    pad = None if all(len(p) == width for p in prompts) else torch.tensor([width - len(p) for p in prompts])
     ends = set() if cfg.ignore_eos else end_of_text_ids(tokenizer)
     text_stream = TextStream()
     start, first = time.perf_counter(), None
-    steps = decode(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, generator=generator)
+    steps = decode(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, generator=generator,
+                   pad=pad)
     for column in steps:
         first = first or time.perf_counter()
         for completion, token in zip(batch, column[:, 0].tolist()):
@@ -161,7 +164,9 @@ def sample_batch(model, tokenizer, batch: list[Completion], prompts: list[list[i
     seconds = time.perf_counter() - start
     new_tokens = sum(len(c.ids) for c in batch)
     to_first = f"{1e3 * (first - start):.0f} ms" if first else "-"
-    print(f"[{len(batch)} x {len(prompts[0])} prompt tokens, {new_tokens} new tokens, first token after {to_first}, "
+    lengths = sorted({len(p) for p in prompts})
+    shape = f"{lengths[0]}" if len(lengths) == 1 else f"{lengths[0]}-{lengths[-1]}"
+    print(f"[{len(batch)} x {shape} prompt tokens, {new_tokens} new tokens, first token after {to_first}, "
           f"{new_tokens / seconds:.1f} tokens/s]", file=sys.stderr, flush=True)
 
 
@@ -219,9 +224,12 @@ def sample(cfg: DictConfig) -> list[dict]:
                 print(SEPARATOR, flush=True)
             sys.stdout.write(prompts[0])
             sample_batch(model, tokenizer, [completion], [encoded[0]], cfg, generator, stream=True)
-    else:  # a file of prompts: all samples of the prompts of one length in one batch (the models take no padding)
-        for length in sorted({len(ids) for ids in encoded}):
-            rows = [i for i, ids in enumerate(encoded) if len(ids) == length]
+    else:  # a file of prompts: every sample of every prompt in one left-padded batch, when it fits the context;
+        # else one batch per prompt length (a sample that outgrows the context slides its window)
+        fits = max(map(len, encoded)) + cfg.max_new_tokens <= model.context_length
+        groups = [range(len(encoded))] if fits else [
+            [i for i, ids in enumerate(encoded) if len(ids) == length] for length in sorted(set(map(len, encoded)))]
+        for rows in groups:
             batch = [c for i in rows for c in completions[i]]
             sample_batch(model, tokenizer, batch, [encoded[i] for i in rows for _ in range(cfg.num_samples)],
                          cfg, generator, stream=False)

@@ -1,6 +1,6 @@
 """Autoregressive generation shared by every model: sampling rules and the decode loop.
 
-A model plugs in by providing `context_length`, `new_kv_cache(batch, max_len)` and
+A model plugs in by providing `context_length`, `new_kv_cache(batch, max_len, pad)` and
 `forward(idx, cache=...)` returning `(logits, loss)`.
 """
 
@@ -115,9 +115,11 @@ def generate(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, tem
 
 def decode(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
            top_k: int | None = None, top_p: float | None = None, *, use_cache: bool = True,
-           generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+           generator: torch.Generator | None = None, pad: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
     """`generate` one step at a time: yields each new column of tokens (B, 1) as soon as it is chosen, so a
-    caller can stream them or stop early (closing the iterator restores the model's mode)."""
+    caller can stream them or stop early (closing the iterator restores the model's mode). Prompts of
+    different lengths decode in one batch left-padded, `pad` (B,) counting each row's padding tokens; such a
+    batch decodes with the KV cache and within the context."""
     check_sampling(temperature, top_k, top_p)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -127,13 +129,18 @@ def decode(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, tempe
     if idx.size(1) > context:
         raise ValueError(f"prompt has {idx.size(1)} tokens but the model's context is {context}; "
                          f"shorten the prompt to at most {context} tokens")
-    return _decode(model, idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator)
+    if pad is not None and (not use_cache or idx.size(1) + max_new_tokens > context):
+        raise ValueError(f"a padded batch decodes with the KV cache and within the context: {idx.size(1)} prompt "
+                         f"tokens + {max_new_tokens} new ones exceed the model's {context}")
+    return _decode(model, idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator, pad)
 
 
-def _decode(model, idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator) -> Iterator[torch.Tensor]:
+def _decode(model, idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator, pad) -> Iterator[torch.Tensor]:
     context = model.context_length
     with torch.inference_mode(), _eval_mode(model), onednn_linears(model, idx.size(0)):
-        cache = model.new_kv_cache(idx.size(0), min(context, idx.size(1) + max_new_tokens)) if use_cache else None
+        length = min(context, idx.size(1) + max_new_tokens)
+        cache = (model.new_kv_cache(idx.size(0), length, pad) if pad is not None else
+                 model.new_kv_cache(idx.size(0), length)) if use_cache else None
         out, new = idx, idx
         for _ in range(max_new_tokens):
             if cache is not None and cache.length + new.size(1) > cache.max_len:

@@ -60,11 +60,11 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        offset = 0
+        offset, mask = 0, None
         if cache is not None:
-            offset = cache.length
+            offset, mask = cache.length, cache.attention_mask(T)
             k, v = cache.update(self.layer_idx, k, v)
-        y = causal_attention(q, k, v, offset=offset, dropout_p=self.dropout if self.training else 0.0)
+        y = causal_attention(q, k, v, offset=offset, dropout_p=self.dropout if self.training else 0.0, mask=mask)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -132,9 +132,10 @@ class GPT2(LanguageModel):
         weights = self.num_parameters() - self.transformer.wpe.weight.numel()
         return 6 * weights + 12 * self.config.n_layer * self.config.n_embd * seq_len
 
-    def new_kv_cache(self, batch: int, max_len: int) -> KVCache:
+    def new_kv_cache(self, batch: int, max_len: int, pad: torch.Tensor | None = None) -> KVCache:
         c, weight = self.config, self.transformer.wte.weight
-        return KVCache(c.n_layer, batch, c.n_head, max_len, c.n_embd // c.n_head, dtype=weight.dtype, device=weight.device)
+        return KVCache(c.n_layer, batch, c.n_head, max_len, c.n_embd // c.n_head, dtype=weight.dtype,
+                       device=weight.device, pad=pad)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -145,7 +146,8 @@ class GPT2(LanguageModel):
             raise ValueError(f"sequence of {start + T} tokens is longer than the model's block_size "
                              f"({self.config.block_size}); crop it to the last {self.config.block_size} tokens "
                              f"or use a model with a longer context")
-        pos = torch.arange(start, start + T, device=idx.device)
+        pos = cache.positions(T) if cache is not None and cache.pad is not None else torch.arange(start, start + T,
+                                                                                                  device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
             x = self.run_block(block, x, cache)

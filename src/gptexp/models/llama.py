@@ -104,11 +104,11 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin).to(v.dtype), apply_rotary(k, cos, sin).to(v.dtype)
-        offset = 0
+        offset, mask = 0, None
         if cache is not None:
-            offset = cache.length
+            offset, mask = cache.length, cache.attention_mask(T)
             k, v = cache.update(self.layer_idx, k, v)
-        y = causal_attention(q, k, v, offset=offset)
+        y = causal_attention(q, k, v, offset=offset, mask=mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -168,9 +168,10 @@ class Llama(LanguageModel):
         weights = self.num_parameters() - (0 if self.config.tie_embeddings else self.model.embed_tokens.weight.numel())
         return 6 * weights + 12 * self.config.n_layers * self.config.dim * seq_len
 
-    def new_kv_cache(self, batch: int, max_len: int) -> KVCache:
+    def new_kv_cache(self, batch: int, max_len: int, pad: torch.Tensor | None = None) -> KVCache:
         c, weight = self.config, self.lm_head.weight
-        return KVCache(c.n_layers, batch, c.n_kv_heads, max_len, c.head_dim, dtype=weight.dtype, device=weight.device)
+        return KVCache(c.n_layers, batch, c.n_kv_heads, max_len, c.head_dim, dtype=weight.dtype, device=weight.device,
+                       pad=pad)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -180,7 +181,11 @@ class Llama(LanguageModel):
         if start + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens is longer than the model's max_seq_len "
                              f"({self.config.max_seq_len}); crop it or raise model.max_seq_len")
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        if cache is not None and cache.pad is not None:  # each row's own positions, heads broadcast
+            positions = cache.positions(T)
+            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
+        else:
+            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         x = self.model.embed_tokens(idx)
         for layer in self.model.layers:
             x = self.run_block(layer, x, cos, sin, cache)

@@ -219,3 +219,23 @@ def test_chat_drops_the_oldest_exchanges_when_the_context_is_full(tmp_path):
     tokenizer = load_source(STORIES).tokenizer
     last = meta_dialog_tokens(tokenizer, [{"role": "user", "content": turns[-1]}])
     assert rows[-1]["prompt_ids"][-len(last):] == last  # the newest message is always whole
+
+
+def test_ctrl_c_ends_in_one_line(run_dir, tmp_path):
+    import signal
+    import time
+
+    process = subprocess.Popen([sys.executable, "-m", "gptexp", "sample", f"source={run_dir}", "max_new_tokens=1000000",
+                                f"hydra.run.dir={tmp_path / 'out'}"], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=os.environ | {"PYTHONWARNINGS": "ignore"},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 120
+    while not (tmp_path / "out" / "sample.log").exists() or "parameters" not in (tmp_path / "out" / "sample.log").read_text():
+        assert time.time() < deadline and process.poll() is None
+        time.sleep(0.2)
+    time.sleep(1)  # decoding by now
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130
+    errors = [line for line in stderr.splitlines() if "Traceback" in line or line.startswith("error:")]
+    assert errors == ["error: interrupted (Ctrl-C); what was written before stays, nothing is half-written"]

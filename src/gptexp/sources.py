@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import OmegaConf
 
 from gptexp.checkpoints import load
@@ -29,11 +30,27 @@ FORMATS = ("a run directory (checkpoints/best.ckpt or last.ckpt)", "a .ckpt file
            "a llama2.c .bin", "an llm.c model .bin")
 
 
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 @dataclass
 class Source:
     model: LanguageModel
     tokenizer: Any
     description: str  # what was loaded, for the log
+
+    def place(self, device: str = "auto", precision: str = "fp32") -> str:
+        """Move the model to `device` (auto | cpu | cuda) in `precision` (fp32 | bf16, the weights themselves);
+        returns the device's name. Bad values raise ConfigError naming the choices."""
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision={precision!r}: choose fp32 or bf16")
+        if device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device={device!r}: choose auto, cpu or cuda")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device=cuda, but torch sees no CUDA device here; use device=cpu (or auto)")
+        name = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
+        self.model = self.model.to(device=name, dtype=PRECISIONS[precision]).eval()
+        return name
 
 
 def load_source(source: str, checkpoint: str = "best") -> Source:

@@ -29,7 +29,6 @@ from gptexp.sources import load_source
 from gptexp.writing import write_atomically
 
 log = logging.getLogger(__name__)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TASKS = ("perplexity", "multiple_choice", "lm_eval")
 
 
@@ -147,18 +146,11 @@ def evaluate_lm_eval(model, tokenizer, cfg: DictConfig) -> dict:
 def evaluate(cfg: DictConfig) -> dict:
     if cfg.task not in TASKS:
         raise ConfigError(f"task={cfg.task!r}: choose {', '.join(TASKS[:-1])} or {TASKS[-1]}")
-    if cfg.precision not in DTYPES:
-        raise ConfigError(f"precision={cfg.precision!r}: choose fp32 or bf16")
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"device={cfg.device!r}: choose auto, cpu or cuda")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda, but torch sees no CUDA device here; use device=cpu (or auto)")
     if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
         raise ConfigError(f"batch_size must be an integer >= 1, got {cfg.batch_size!r}")
     source = load_source(str(cfg.source), cfg.checkpoint)
-    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
-    model = source.model.to(device=device, dtype=DTYPES[cfg.precision]).eval()
+    source.place(cfg.device, cfg.precision)
+    model = source.model
     task = {"perplexity": evaluate_perplexity, "multiple_choice": evaluate_multiple_choice,
             "lm_eval": evaluate_lm_eval}[cfg.task]
     results = task(model, source.tokenizer, cfg)

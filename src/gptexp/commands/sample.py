@@ -26,12 +26,11 @@ from gptexp.cli import answered_errors, run_command
 from gptexp.config import CONF_DIR, ConfigError
 from gptexp.data.tokenizers import end_of_text_ids, prompt_ids
 from gptexp.models.generation import check_sampling, decode
-from gptexp.sources import load_source
+from gptexp.sources import PRECISIONS, load_source
 from gptexp.writing import write_atomically
 
 log = logging.getLogger(__name__)
 SEPARATOR = "-" * 40
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -103,11 +102,7 @@ def encode(tokenizer, text: str, context: int, crop: bool) -> list[int]:
 
 
 def check(cfg: DictConfig) -> None:
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"device={cfg.device!r}: choose auto, cpu or cuda")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda, but torch sees no CUDA device here; use device=cpu (or auto)")
-    if cfg.precision not in DTYPES:
+    if cfg.precision not in PRECISIONS:
         raise ConfigError(f"precision={cfg.precision!r}: choose fp32 or bf16")
     for key in ("num_samples", "max_new_tokens"):
         if not isinstance(cfg[key], int) or cfg[key] < (1 if key == "num_samples" else 0):
@@ -203,9 +198,8 @@ def sample(cfg: DictConfig) -> list[dict]:
     check(cfg)
     prompts = read_prompts(cfg) if cfg.mode == "generate" else []
     source = load_source(str(cfg.source), cfg.checkpoint)
-    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
-    model, tokenizer = source.model.to(device=device, dtype=DTYPES[cfg.precision]), source.tokenizer
+    device = source.place(cfg.device, cfg.precision)
+    model, tokenizer = source.model, source.tokenizer
     encoded = [encode(tokenizer, text, model.context_length, cfg.crop) for text in prompts]
     log.info("%s: %.2fM parameters, tokenizer %s (%d tokens), %s on %s", source.description,
              model.num_parameters() / 1e6, tokenizer.name, tokenizer.vocab_size, cfg.precision, device)

@@ -36,7 +36,8 @@ class LanguageModel(nn.Module):
     def context_length(self) -> int:
         raise NotImplementedError
 
-    def new_kv_cache(self, batch: int, max_len: int) -> KVCache:
+    def new_kv_cache(self, batch: int, max_len: int, pad: torch.Tensor | None = None) -> KVCache:
+        """An empty cache for `batch` rows of up to `max_len` positions; `pad`: each row's left padding."""
         raise NotImplementedError
 
     def flops_per_token(self, seq_len: int) -> float:

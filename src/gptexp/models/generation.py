@@ -139,8 +139,7 @@ def _decode(model, idx, max_new_tokens, temperature, top_k, top_p, use_cache, ge
     context = model.context_length
     with torch.inference_mode(), _eval_mode(model), onednn_linears(model, idx.size(0)):
         length = min(context, idx.size(1) + max_new_tokens)
-        cache = (model.new_kv_cache(idx.size(0), length, pad) if pad is not None else
-                 model.new_kv_cache(idx.size(0), length)) if use_cache else None
+        cache = model.new_kv_cache(idx.size(0), length, pad) if use_cache else None
         out, new = idx, idx
         for _ in range(max_new_tokens):
             if cache is not None and cache.length + new.size(1) > cache.max_len:

@@ -8,7 +8,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from gptexp import data, models
-from gptexp.config import build_dataclass
+from gptexp.config import ConfigError, build_dataclass
 from gptexp.optim import OptimConfig
 from gptexp.commands.train import build_trainer
 
@@ -42,13 +42,48 @@ def test_every_model_builds(model, tmp_path):
         assert built.num_parameters() == pytest.approx(expected[model], rel=1e-3)
 
 
+HUB_PRESETS = {"fineweb_edu": "HuggingFaceFW/fineweb-edu", "openwebtext": "Skylion007/openwebtext",
+               "tinystories_hub": "roneneldan/TinyStories"}
+
+
 @pytest.mark.parametrize("dataset", options("data"))
 def test_every_dataset_builds(dataset, tmp_path):
+    """Every data option loads (data=hf from a local JSON lines file; the hub presets, offline, say how to
+    use local copies)."""
     (tmp_path / "text.txt").write_text("To be, or not to be: that is the question.\n" * 20)
-    path = [f"data.path={tmp_path / 'text.txt'}"] if dataset == "text" else []
-    cfg = composed(f"data={dataset}", *path, output_dir=tmp_path)
-    source = data.load(cfg.data, models.tokenizer_spec(cfg.model))
-    assert source.tokenizer.vocab_size > 0 and all(source.splits.values())
+    (tmp_path / "docs.jsonl").write_text('{"text": "To be, or not to be."}\n' * 20)
+    extra = {"text": [f"data.path={tmp_path / 'text.txt'}"], "hf": [f"data.files={tmp_path / 'docs.jsonl'}"]}
+    cfg = composed(f"data={dataset}", *extra.get(dataset, []), output_dir=tmp_path)
+    tokenizer = "gpt2" if cfg.data.get("loader") == "hf" else models.tokenizer_spec(cfg.model)
+    if dataset in HUB_PRESETS:
+        with pytest.raises(ConfigError, match=f"data.path={HUB_PRESETS[dataset]}: .* data.files="):
+            data.load(cfg.data, tokenizer)
+        return
+    source = data.load(cfg.data, tokenizer)
+    assert source.tokenizer.vocab_size > 0
+    assert all(source.splits.values()) if source.splits is not None else source.tokens.reads
+
+
+def test_the_gpt2_reproduction_recipes_compose(tmp_path):
+    """experiment=gpt2_124m_fineweb: 524,288-token batches on 8 GPUs; its multi-node form keeps them on 2 x 8
+    under the SLURM launcher."""
+    for experiment, nodes, accumulate in (("gpt2_124m_fineweb", 1, 4), ("gpt2_124m_fineweb_multinode", 2, 2)):
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose("train", overrides=[f"output_dir={tmp_path}", f"experiment={experiment}"],
+                          return_hydra_config=True)
+        t, d, o = cfg.trainer, cfg.data, cfg.optim
+        assert (t.num_nodes, t.devices, t.accumulate_grad_batches) == (nodes, 8, accumulate)
+        assert d.batch_size * d.seq_len * t.devices * t.num_nodes * t.accumulate_grad_batches == 2**19
+        assert t.max_steps * 2**19 == pytest.approx(10e9, rel=1e-4)
+        assert (o.name, o.lr, o.min_lr, o.weight_decay, list(o.betas), o.warmup_steps) == (
+            "adamw", 6e-4, 6e-5, 0.1, [0.9, 0.95], 715)
+        assert (t.precision, cfg.model.compile, t.strategy, cfg.data.name) == ("bf16-mixed", True, "ddp", "fineweb_edu")
+        assert t.val_check_interval == 250 * accumulate
+        if nodes > 1:
+            launcher = cfg.hydra.launcher
+            assert launcher._target_.endswith("SlurmLauncher") and (launcher.nodes, launcher.tasks_per_node) == (2, 8)
+        trainer = build_trainer(cfg)
+        assert trainer.num_nodes == nodes and trainer.accumulate_grad_batches == accumulate
 
 
 @pytest.mark.parametrize("logger", options("logger"))

@@ -31,12 +31,12 @@ def test_bpe_tokens_are_the_gpt2_encoding_of_the_text():
     tok = gpt2_tokenizer()
     assert module.tokens["train"][:4].tolist() == [5962, 22307, 25, 198]  # "First Citizen:\n"
     for split in ("train", "val"):
-        assert tok.decode(module.tokens[split].tolist()) == module.splits[split][0]
+        assert tok.decode(module.tokens[split].tolist()) == module.source.splits[split][0]
 
 
 def test_token_files_are_made_once(tmp_path):
     module = prepared({"tokenizer": "char"}, tmp_path=tmp_path)
-    files = sorted(module.directory.iterdir())
+    files = sorted(module.source.directory.iterdir())
     assert [f.name for f in files] == ["meta.json", "train.npy", "val.npy"]
     stamps = [f.stat().st_mtime_ns for f in files]
     prepared({"tokenizer": "char"}, tmp_path=tmp_path)
@@ -104,7 +104,7 @@ def test_seq_len_longer_than_the_data_is_refused():
     ({"source": "hub"}, "Tiny Shakespeare is bundled only"),
     ({"batch_size": 0}, "batch_size must be a positive integer"),
     ({"batch_size": "8x"}, "data.batch_size must be an int, got '8x'"),
-    ({"colour": 1}, "unknown key data.colour; valid keys of data: name, tokenizer"),
+    ({"colour": 1}, "unknown key data.colour; valid keys of data: name, loader, tokenizer"),
     ({"tokenizer": "bpe"}, "tokenizer must be 'model' or 'char'"),
 ])
 def test_bad_data_config_names_the_key(overrides, message):
@@ -128,7 +128,7 @@ def test_tinystories_documents_are_framed_per_tokenizer():
 
     gpt2 = data.build(data.load({"name": "tinystories", "source": "bundled"}, "gpt2"), context_length=256)
     gpt2.setup()
-    n_stories = len(gpt2.splits["train"])
+    n_stories = len(gpt2.source.splits["train"])
     assert (gpt2.tokens["train"] == 50256).sum() == n_stories - 1
     llama = data.build(data.load({"name": "tinystories", "source": "bundled"},
                                  asset_path("stories260K/tok512.model")), context_length=512)

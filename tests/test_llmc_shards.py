@@ -33,14 +33,27 @@ def test_write_and_read_match_the_reference(tmp_path):
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"magic": 20240326}, "bad magic 20240326, expected 20240520"),
-    ({"magic": 20240801}, "LLaMA-3 uint32 shard"),
+    ({"magic": 20240326}, r"expected 20240520 \(uint16\) or 20240801 \(uint32\)"),
     ({"version": 7}, "shard version 7, expected 1"),
+    ({"magic": 20240801, "version": 1}, "shard version 1, expected 7"),
     ({"count": 11}, "the header says 11 tokens .* the file has 1044 bytes"),
 ])
 def test_bad_shards_are_named(tmp_path, kwargs, message):
     reference_shard(tmp_path / "bad.bin", list(range(10)), **kwargs)
     with pytest.raises(ShardError, match=message):
         read_shard(tmp_path / "bad.bin")
+
+
+def test_uint32_shards_are_llmcs_llama3_format(tmp_path):
+    tokens = np.array([0, 65535, 65536, 128255], dtype=np.uint32)
+    write_shard(tmp_path / "big.bin", tokens, dtype="<u4")
+    raw = (tmp_path / "big.bin").read_bytes()
+    assert struct.unpack("<3i", raw[:12]) == (20240801, 7, 4)  # llm.c's data_common.py, "llama-3"
+    assert struct.unpack("<4I", raw[1024:]) == tuple(tokens.tolist())
+    read = read_shard(tmp_path / "big.bin")
+    assert read.dtype == np.uint32 and np.array_equal(read, tokens)
+    with pytest.raises(ShardError, match=r"uint16 shards hold token ids in \[0, 65536\)"):
+        write_shard(tmp_path / "x.bin", tokens)
 
 
 def test_a_truncated_shard_is_caught(tmp_path):

@@ -92,7 +92,7 @@ class LanguageModelModule(L.LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
-        _, loss = self.model(x, y)
+        _, loss = self.model(x, y, return_logits=False)  # bounded memory whatever the vocabulary
         self.val_loss.update(loss, weight=(y != -1).sum())
 
     def on_validation_epoch_end(self) -> None:

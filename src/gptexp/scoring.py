@@ -52,14 +52,15 @@ def perplexity(model, ids: torch.Tensor, window: int, stride: int, batch_size: i
         for i in range(0, len(group), batch_size):
             chunk = group[i:i + batch_size]
             x = torch.stack([ids[b:e] for b, e, _ in chunk]).to(device)
-            logits, _ = model(x[:, :-1])
             # target j of a window is token begin + 1 + j; scored when it is past what earlier windows scored
             targets = x[:, 1:].clone()
             for row, (begin, _, first) in enumerate(chunk):
                 targets[row, :max(0, first - begin - 1)] = -1
-            total += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1,
-                                     reduction="sum").item()
-            count += int((targets >= 0).sum())
+            scored = int((targets >= 0).sum())
+            if scored:
+                _, loss = model(x[:, :-1], targets, return_logits=False)  # by chunks: no (B, T, vocab) logits
+                total += loss.item() * scored
+                count += scored
             bar.update(len(chunk))
     bar.close()
     return total, count

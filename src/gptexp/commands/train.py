@@ -4,6 +4,7 @@ train ...: compose the objects a Hydra config describes, then fit."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -109,6 +110,10 @@ def run(cfg: DictConfig) -> float | None:
         if ckpt_path:
             log.info("=== resumed at step %d from %s: %s ===", resumed.get("global_step", 0), ckpt_path, kept)
     trainer = build_trainer(cfg, wandb_id=resumed.get("gptexp_resume", {}).get("wandb_id"))
+    batch = (source.config.batch_size, datamodule.seq_len, trainer.num_devices * trainer.num_nodes,
+             trainer.accumulate_grad_batches)
+    log.info("batch: %d windows x %d tokens x %d processes x %d accumulated = %s tokens per optimizer step", *batch,
+             f"{math.prod(batch):,}")
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:

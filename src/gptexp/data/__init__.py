@@ -9,10 +9,12 @@ from typing import Any
 
 from gptexp.config import ConfigError, build_dataclass
 from gptexp.data import shakespeare, text_file, tinystories
-from gptexp.data.datamodule import DataConfig, TokenDataModule
+from gptexp.data.datamodule import DataConfig, DocumentTokens, LlmcShards, TokenDataModule
+from gptexp.data.hf import HFTokens
 from gptexp.data.tokenizers import CharTokenizer, gpt2_tokenizer, load_tokenizer
 
-# data.name in conf/data/*.yaml -> function(val_fraction, source[, path]) -> {"train": [documents], "val": [documents]}
+# data.loader (or data.name) in conf/data/*.yaml -> function(val_fraction, source[, path]) -> {"train": [documents],
+# "val": [documents]}; data.loader=hf reads any Hugging Face dataset instead (gptexp.data.hf)
 DATASETS: dict[str, Callable[..., dict[str, list[str]]]] = {
     "shakespeare": shakespeare.load_splits,
     "tinystories": tinystories.load_splits,
@@ -26,22 +28,29 @@ __all__ = ["DATASETS", "DataConfig", "DataSource", "TokenDataModule", "CharToken
 @dataclass
 class DataSource:
     config: DataConfig
-    splits: dict[str, list[str]] | None  # documents per split; None when data.shards gives the tokens
+    splits: dict[str, list[str]] | None  # documents per split; None when shards give the tokens
     tokenizer: Any
+    tokens: Any  # DocumentTokens, LlmcShards or HFTokens: prepare() makes the token files, load() maps them
 
 
 def load(cfg: Mapping[str, Any], model_tokenizer: str | None) -> DataSource:
     """The dataset a conf/data/*.yaml names, with the tokenizer to use: the model's (`model_tokenizer`:
     gpt2, a SentencePiece file, or char), or the characters of the text when data.tokenizer=char."""
     config = build_dataclass(DataConfig, cfg, "data")
-    if config.shards:
+    loader_name = config.loader or config.name
+    if config.shards or loader_name == "hf":
         if config.tokenizer == "char" or model_tokenizer == "char":
-            raise ConfigError("data.shards holds llm.c's GPT-2 tokens, not characters: train a GPT-2 "
-                              "(model=gpt2 or model.tokenizer=gpt2) with data.tokenizer=model")
-        return DataSource(config, None, load_tokenizer(model_tokenizer))
-    if config.name not in DATASETS:
-        raise ConfigError(f"data.name={config.name!r} is not a known dataset; choose one of {', '.join(DATASETS)}")
-    loader = DATASETS[config.name]
+            what = "data.shards holds llm.c's GPT-2 tokens" if config.shards else \
+                f"data={config.name} tokenizes with the model's tokenizer"
+            raise ConfigError(f"{what}, not characters: train a model with a GPT-2 or SentencePiece tokenizer "
+                              f"(model=gpt2, or model.tokenizer=gpt2) with data.tokenizer=model")
+        tokenizer = _model_tokenizer(model_tokenizer)
+        tokens = LlmcShards(config.shards, tokenizer) if config.shards else HFTokens(config, tokenizer)
+        return DataSource(config, None, tokenizer, tokens)
+    if loader_name not in DATASETS:
+        raise ConfigError(f"data.name={loader_name!r} is not a known dataset; choose one of "
+                          f"{', '.join([*DATASETS, 'hf'])}")
+    loader = DATASETS[loader_name]
     path = {"path": config.path} if config.path is not None else {}
     if path and "path" not in inspect.signature(loader).parameters:
         raise ConfigError(f"data.path is for data=text; data={config.name} does not read a file")
@@ -50,9 +59,15 @@ def load(cfg: Mapping[str, Any], model_tokenizer: str | None) -> DataSource:
     except ValueError as error:
         raise ConfigError(str(error)) from error
     if config.tokenizer == "char" or model_tokenizer == "char":
-        return DataSource(config, splits, CharTokenizer.from_text("".join(d for docs in splits.values() for d in docs)))
+        tokenizer = CharTokenizer.from_text("".join(d for docs in splits.values() for d in docs))
+    else:
+        tokenizer = _model_tokenizer(model_tokenizer)
+    return DataSource(config, splits, tokenizer, DocumentTokens(config, splits, tokenizer))
+
+
+def _model_tokenizer(spec: str):
     try:
-        return DataSource(config, splits, load_tokenizer(model_tokenizer))
+        return load_tokenizer(spec)
     except (ValueError, FileNotFoundError) as error:
         raise ConfigError(f"model.tokenizer: {error}") from error
 
@@ -63,4 +78,4 @@ def build(source: DataSource, context_length: int, seed: int = 0) -> TokenDataMo
     if seq_len > context_length:
         raise ConfigError(f"data.seq_len={seq_len} is longer than the model's context ({context_length}); "
                           f"set data.seq_len<={context_length}")
-    return TokenDataModule(source.config, source.splits, source.tokenizer, seq_len, seed=seed)
+    return TokenDataModule(source.config, source.tokens, source.tokenizer, seq_len, seed=seed)

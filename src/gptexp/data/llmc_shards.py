@@ -1,6 +1,8 @@
-"""karpathy/llm.c's token shards: a 256-int32 header (magic 20240520, version 1, token count) and
-uint16 tokens, every document starting with GPT-2's <|endoftext|>. Shards of a split are named
-`{name}_{split}_{k:06d}.bin`, as llm.c's dev/data scripts name them."""
+"""karpathy/llm.c's token shards: a 256-int32 header (magic, version, token count), then the tokens:
+uint16 for GPT-2 (magic 20240520, version 1) and uint32 for vocabularies beyond 65,536 (llm.c's
+LLaMA-3 format: magic 20240801, version 7). In llm.c's own shards every document starts with GPT-2's
+<|endoftext|>. Shards of a split are named `{name}_{split}_{k:06d}.bin`, as llm.c's dev/data scripts
+name them."""
 
 from __future__ import annotations
 
@@ -10,7 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-SHARD_MAGIC, SHARD_VERSION, HEADER_BYTES = 20240520, 1, 1024
+HEADER_BYTES = 1024
+FORMATS = {np.dtype("<u2"): (20240520, 1), np.dtype("<u4"): (20240801, 7)}  # token type -> (magic, version)
+SHARD_MAGIC, SHARD_VERSION = FORMATS[np.dtype("<u2")]
 
 
 class ShardError(ValueError):
@@ -29,19 +33,22 @@ def encode_for_llmc(documents: Iterable[str], tokenizer) -> np.ndarray:
     return np.array(ids, dtype=np.uint16)
 
 
-def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> None:
-    """Write one shard atomically (a temporary file renamed into place)."""
-    tokens = np.asarray(tokens)
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
-        raise ShardError("llm.c's shards hold token ids in [0, 65536)")
+def write_shard(path: str | os.PathLike, tokens: np.ndarray, dtype: str = "<u2") -> None:
+    """Write one shard of `dtype` tokens (uint16, or uint32 for large vocabularies) atomically: a temporary
+    file, flushed to disk, renamed into place, so a shard that exists is whole."""
+    tokens, dtype = np.asarray(tokens), np.dtype(dtype)
+    if tokens.size and (tokens.min() < 0 or tokens.max() > np.iinfo(dtype).max):
+        raise ShardError(f"llm.c's {dtype.name} shards hold token ids in [0, {np.iinfo(dtype).max + 1})")
     header = np.zeros(HEADER_BYTES // 4, dtype="<i4")
-    header[:3] = SHARD_MAGIC, SHARD_VERSION, len(tokens)
+    header[:3] = *FORMATS[dtype], len(tokens)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(header.tobytes())
-        f.write(tokens.astype("<u2").tobytes())
+        f.write(tokens.astype(dtype, copy=False).tobytes())
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -62,15 +69,17 @@ def read_shard(path: str | os.PathLike) -> np.ndarray:
     header = np.fromfile(path, dtype="<i4", count=HEADER_BYTES // 4) if size >= HEADER_BYTES else None
     if header is None:
         raise ShardError(f"{path}: {size} bytes is shorter than llm.c's 1024-byte header")
-    if header[0] != SHARD_MAGIC:
-        hint = " (a LLaMA-3 uint32 shard, which gptexp does not read)" if header[0] == 20240801 else ""
-        raise ShardError(f"{path}: bad magic {header[0]}, expected {SHARD_MAGIC} for an llm.c token shard{hint}")
-    if header[1] != SHARD_VERSION:
-        raise ShardError(f"{path}: shard version {header[1]}, expected {SHARD_VERSION}")
-    if size != HEADER_BYTES + 2 * int(header[2]):
-        raise ShardError(f"{path}: the header says {header[2]} tokens ({HEADER_BYTES + 2 * int(header[2])} bytes), "
+    dtype = next((d for d, (magic, _) in FORMATS.items() if magic == header[0]), None)
+    if dtype is None:
+        raise ShardError(f"{path}: bad magic {header[0]}, expected {SHARD_MAGIC} (uint16) or "
+                         f"{FORMATS[np.dtype('<u4')][0]} (uint32) for an llm.c token shard")
+    if header[1] != FORMATS[dtype][1]:
+        raise ShardError(f"{path}: shard version {header[1]}, expected {FORMATS[dtype][1]} for magic {header[0]}")
+    expected = HEADER_BYTES + dtype.itemsize * int(header[2])
+    if size != expected:
+        raise ShardError(f"{path}: the header says {header[2]} tokens ({expected} bytes), "
                          f"the file has {size} bytes: truncated or not a shard")
-    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(int(header[2]),))
+    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(int(header[2]),))
 
 
 def find_shards(prefix: str | os.PathLike, split: str) -> list[Path]:
@@ -95,7 +104,7 @@ class ShardedTokens:
 
     def __getitem__(self, index: np.ndarray) -> np.ndarray:
         index = np.asarray(index)
-        flat, out = index.ravel(), np.empty(index.size, dtype=np.uint16)
+        flat, out = index.ravel(), np.empty(index.size, dtype=self.shards[0].dtype)
         shard_of = np.searchsorted(self.starts, flat, side="right") - 1
         for k in np.unique(shard_of):
             mask = shard_of == k
@@ -104,5 +113,8 @@ class ShardedTokens:
 
 
 def read_split(prefix: str | os.PathLike, split: str) -> np.ndarray | ShardedTokens:
-    shards = [read_shard(path) for path in find_shards(prefix, split)]
+    return join_shards([read_shard(path) for path in find_shards(prefix, split)])
+
+
+def join_shards(shards: list[np.ndarray]) -> np.ndarray | ShardedTokens:
     return shards[0] if len(shards) == 1 else ShardedTokens(shards)

@@ -51,13 +51,49 @@ class RandomBatches(Sampler):
         return self.num_batches
 
 
+class EpochBatches(RandomBatches):
+    """Like RandomBatches, but the windows tile the tokens (offsets 0, T, 2T, ...) and are drawn without
+    replacement: each epoch is a fresh permutation of all windows (seeded by (seed, epoch)), so every token is
+    read once before any is read twice, as llm.c reads its shards. Batch k is positions [kB, (k+1)B) of the
+    epochs laid end to end, which depends only on (seed, k): resume is exact, and the processes of a
+    distributed run, each taking its slice of a batch, never read the same window in an epoch."""
+
+    def __init__(self, n_tokens: int, seq_len: int, batch_size: int, num_batches: int, seed: tuple[int, ...],
+                 start: int | Callable[[], int] = 0, rank: int = 0, world_size: int = 1):
+        super().__init__(n_tokens, seq_len, batch_size, num_batches, seed, start, rank, world_size)
+        self.seq_len, self.n_windows = seq_len, (n_tokens - 1) // seq_len
+        self._epoch, self._order = None, None
+
+    def order(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            self._epoch, self._order = epoch, np.random.default_rng((*self.seed, epoch)).permutation(self.n_windows)
+        return self._order
+
+    def __iter__(self):
+        size = self.batch_size * self.world_size
+        for k in range(self._start(), self.num_batches):
+            positions = np.arange(k * size, (k + 1) * size)[self.rank * self.batch_size:][:self.batch_size]
+            epochs, within = np.divmod(positions, self.n_windows)
+            windows = np.empty(self.batch_size, dtype=np.int64)
+            for epoch in np.unique(epochs):
+                mask = epochs == epoch
+                windows[mask] = self.order(int(epoch))[within[mask]]
+            yield windows * self.seq_len
+
+
 class SequentialBatches(Sampler):
     """Consecutive non-overlapping windows covering the whole array (every token predicted once;
-    a tail shorter than one window is left out), in batches of `batch_size`; with several
-    processes, process `rank` takes every world_size-th batch."""
+    a tail shorter than one window is left out), or its first `max_tokens` tokens' worth of whole
+    windows, in batches of `batch_size` (smaller where that leaves a process without a batch); with
+    several processes, process `rank` takes every world_size-th batch."""
 
-    def __init__(self, n_tokens: int, seq_len: int, batch_size: int, rank: int = 0, world_size: int = 1):
-        offsets = np.arange((n_tokens - 1) // seq_len) * seq_len
+    def __init__(self, n_tokens: int, seq_len: int, batch_size: int, rank: int = 0, world_size: int = 1,
+                 max_tokens: int | None = None):
+        n_windows = (n_tokens - 1) // seq_len
+        if max_tokens is not None:
+            n_windows = min(n_windows, max_tokens // seq_len)
+        offsets = np.arange(n_windows) * seq_len
+        batch_size = max(1, min(batch_size, -(-n_windows // world_size)))  # a batch for every process
         self.batches = [offsets[i:i + batch_size] for i in range(0, len(offsets), batch_size)][rank::world_size]
 
     def __iter__(self):

@@ -11,8 +11,13 @@ from gptexp.models import generation
 from gptexp.models.kv_cache import KVCache
 
 
+LOSS_CHUNK_LOGITS = 2**23  # logits per chunk of head_loss: 32 MB in float32 (GPT-2: 166 rows)
+
+
 class LanguageModel(nn.Module):
-    """A causal language model: `forward(idx, targets=None, cache=None) -> (logits, loss)`.
+    """A causal language model: `forward(idx, targets=None, cache=None, return_logits=True) -> (logits, loss)`;
+    with return_logits=False it computes the loss without materialising the logits (head_loss) and returns
+    (None, loss).
 
     Subclasses define `context_length`, `new_kv_cache`, `flops_per_token`, `from_pretrained` and
     `tokenizer_for`; generation, the loss and activation checkpointing are shared here.
@@ -48,6 +53,40 @@ class LanguageModel(nn.Module):
     def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy over every target that is not -1, computed in float32."""
         return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+
+    @staticmethod
+    @torch.no_grad()
+    def head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """loss(head(hidden), targets) without the (B, T, vocab) logits, for validation and evaluation (no
+        gradient; training keeps the logits backward needs): the logits of LOSS_CHUNK_LOGITS / vocab rows at a
+        time, written into one reused buffer, their log-sum-exp taken in float32 in place. Memory stays bounded
+        whatever the vocabulary, and no chunk allocates (a fresh 30 MB tensor per chunk costs more in page
+        faults than its arithmetic)."""
+        hidden, targets = hidden.flatten(0, 1), targets.reshape(-1)
+        rows = max(1, LOSS_CHUNK_LOGITS // head.weight.size(0))
+        if type(head) is not nn.Linear:  # a wrapped head (LoRA): its own forward, chunk by chunk
+            return sum(F.cross_entropy(head(hidden[i:i + rows]).float(), targets[i:i + rows], ignore_index=-1,
+                                       reduction="sum") for i in range(0, hidden.size(0), rows)) / (targets != -1).sum()
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else head.weight.dtype
+        weight, bias = head.weight.to(dtype), None if head.bias is None else head.bias.to(dtype)
+        hidden = hidden.to(dtype)
+        logits = torch.empty(min(rows, hidden.size(0)), weight.size(0), dtype=dtype, device=hidden.device)
+        scratch = logits if dtype == torch.float32 else torch.empty_like(logits, dtype=torch.float32)
+        total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+        for i in range(0, hidden.size(0), rows):
+            x, y = hidden[i:i + rows], targets[i:i + rows]
+            z, f = logits[:len(x)], scratch[:len(x)]
+            torch.mm(x, weight.t(), out=z)
+            if bias is not None:
+                z.add_(bias)
+            f.copy_(z)  # float32 from here (a no-op in float32)
+            scored = y != -1
+            target = f.gather(1, y.clamp(min=0)[:, None]).squeeze(1)
+            top = f.amax(1, keepdim=True)
+            log_sum_exp = f.sub_(top).exp_().sum(1).log_() + top.squeeze(1)
+            total += ((log_sum_exp - target) * scored).sum(dtype=torch.float64)
+        return (total / (targets != -1).sum()).float()
 
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, **kwargs) -> torch.Tensor:

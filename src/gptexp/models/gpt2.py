@@ -137,9 +137,10 @@ class GPT2(LanguageModel):
         return KVCache(c.n_layer, batch, c.n_head, max_len, c.n_embd // c.n_head, dtype=weight.dtype,
                        device=weight.device, pad=pad)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx, targets: (B, T) token ids (targets -1 are ignored). Returns logits (B, T, vocab) and the loss."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+                return_logits: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """idx, targets: (B, T) token ids (targets -1 are ignored). Returns logits (B, T, vocab) and the loss;
+        with return_logits=False, no logits (None) and the loss computed by chunks (head_loss)."""
         start = cache.length if cache is not None else 0
         T = idx.size(1)
         if start + T > self.config.block_size:
@@ -151,9 +152,12 @@ class GPT2(LanguageModel):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
             x = self.run_block(block, x, cache)
-        logits = self.lm_head(self.transformer.ln_f(x))
+        x = self.transformer.ln_f(x)
         if cache is not None:
             cache.length += T
+        if not return_logits and targets is not None:
+            return None, self.head_loss(self.lm_head, x, targets)
+        logits = self.lm_head(x)
         return logits, None if targets is None else self.loss(logits, targets)
 
     # --- Hugging Face checkpoints ------------------------------------------------------------

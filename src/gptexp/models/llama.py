@@ -173,9 +173,10 @@ class Llama(LanguageModel):
         return KVCache(c.n_layers, batch, c.n_kv_heads, max_len, c.head_dim, dtype=weight.dtype, device=weight.device,
                        pad=pad)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx, targets: (B, T) token ids (targets -1 are ignored). Returns logits (B, T, vocab) and the loss."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+                return_logits: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """idx, targets: (B, T) token ids (targets -1 are ignored). Returns logits (B, T, vocab) and the loss;
+        with return_logits=False, no logits (None) and the loss computed by chunks (head_loss)."""
         start = cache.length if cache is not None else 0
         T = idx.size(1)
         if start + T > self.config.max_seq_len:
@@ -189,9 +190,12 @@ class Llama(LanguageModel):
         x = self.model.embed_tokens(idx)
         for layer in self.model.layers:
             x = self.run_block(layer, x, cos, sin, cache)
-        logits = self.lm_head(self.model.norm(x))
+        x = self.model.norm(x)
         if cache is not None:
             cache.length += T
+        if not return_logits and targets is not None:
+            return None, self.head_loss(self.lm_head, x, targets)
+        logits = self.lm_head(x)
         return logits, None if targets is None else self.loss(logits, targets)
 
     # --- checkpoints: llama_checkpoints.py -------------------------------------------------------

@@ -278,7 +278,13 @@ def test_prepare_writes_the_shards_train_py_then_reads(tmp_path):
     run = subprocess.run([sys.executable, "train.py", "model=gpt2", "model.n_layer=1", "model.n_head=2",
                           "model.n_embd=32", "model.block_size=64", *common, f"data.cache_dir={tmp_path / 'shards'}",
                           "trainer.max_steps=2", "trainer.val_check_interval=2", "data.val_tokens=2048", "logger=csv",
-                          "callbacks=none", f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
+                          "callbacks.samples.max_new_tokens=8", f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "tokenizing" not in run.stderr and "prepared" not in run.stderr  # read, not made again
+    scored = subprocess.run([sys.executable, "-m", "gptexp", "evaluate", f"source={tmp_path / 'run'}", *common,
+                             f"data.cache_dir={tmp_path / 'shards'}", "data.val_tokens=2048", "logger=none",
+                             f"hydra.run.dir={tmp_path / 'eval'}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["tokens"] == 2048 and results["on"] == "data=hf split=val (first 2,049 tokens)"

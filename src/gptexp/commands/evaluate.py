@@ -1,7 +1,7 @@
 """Score any model: python -m gptexp evaluate source=<...> [task=perplexity|multiple_choice] [key=value ...]
 
-task=perplexity scores a dataset's split (data=shakespeare, data=tinystories, data=text data.path=...) or any
-text file (text=<path>) in windows of the model's context starting `stride` tokens apart (by default one
+task=perplexity scores a dataset's split (data=shakespeare, data=tinystories, data=text data.path=...; data=hf
+and its presets from their token shards, the first data.val_tokens tokens when that is set) or any text file (text=<path>) in windows of the model's context starting `stride` tokens apart (by default one
 less than the window), every token after the first scored once: mean nats per token, perplexity, bits per byte and the tokens scored. task=multiple_choice
 scores a HellaSwag-format JSON-lines file: acc (the ending with the highest summed log-probability) and
 acc_norm (the highest mean per ending token, as llm.c's hellaswag.py scores it). Results go to results.json
@@ -16,13 +16,14 @@ import logging
 from pathlib import Path
 
 import hydra
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from gptexp.cli import answered_errors, run_command
-from gptexp.config import CONF_DIR, ConfigError
-from gptexp.data import DATASETS
+from gptexp.config import CONF_DIR, ConfigError, build_dataclass
+from gptexp.data import DATASETS, DataConfig, HFTokens
 from gptexp.data.token_files import encode_documents
 from gptexp.scoring import ending_logprobs, perplexity, summary
 from gptexp.sources import load_source
@@ -57,9 +58,25 @@ def documents(cfg: DictConfig) -> tuple[list[str], str]:
     return splits[cfg.split], f"data={cfg.data.name} split={cfg.split}"
 
 
+def shard_tokens(cfg: DictConfig, tokenizer) -> tuple[torch.Tensor, str]:
+    """A data=hf split from its token shards (made first if they are not there), cut to data.val_tokens."""
+    if cfg.split not in ("train", "val"):
+        raise ConfigError(f"split={cfg.split!r}: choose train or val")
+    tokens = HFTokens(build_dataclass(DataConfig, cfg.data, "data"), tokenizer)
+    tokens.prepare()
+    split = tokens.load()[cfg.split]
+    budget = cfg.data.val_tokens
+    n = len(split) if budget is None else min(len(split), budget + 1)
+    ids = torch.from_numpy(split[np.arange(n)].astype("int64"))
+    return ids, f"data={cfg.data.name} split={cfg.split}" + (f" (first {n:,} tokens)" if n < len(split) else "")
+
+
 def evaluate_perplexity(model, tokenizer, cfg: DictConfig) -> dict:
-    docs, what = documents(cfg)
-    ids = torch.from_numpy(encode_documents(docs, tokenizer).astype("int64"))
+    if cfg.text is None and cfg.data.get("loader") == "hf":
+        ids, what = shard_tokens(cfg, tokenizer)
+    else:
+        docs, what = documents(cfg)
+        ids = torch.from_numpy(encode_documents(docs, tokenizer).astype("int64"))
     window = cfg.window or model.context_length
     if not 1 < window <= model.context_length:
         raise ConfigError(f"window={window}: choose 2 to the model's context ({model.context_length})")

@@ -21,8 +21,8 @@ DATASETS: dict[str, Callable[..., dict[str, list[str]]]] = {
     "text": text_file.load_splits,
 }
 
-__all__ = ["DATASETS", "DataConfig", "DataSource", "TokenDataModule", "CharTokenizer", "gpt2_tokenizer", "load",
-           "build"]
+__all__ = ["DATASETS", "DataConfig", "DataSource", "HFTokens", "TokenDataModule", "CharTokenizer", "gpt2_tokenizer",
+           "load", "build"]
 
 
 @dataclass

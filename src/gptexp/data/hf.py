@@ -92,8 +92,8 @@ def load_split(config, split: str, files: str | None, key: str):
         if files is None and key == "data.val_split" and "split" in str(error).lower():
             raise ConfigError(f"{where} has no split {split!r} ({error}); set data.val_split=null to hold out "
                               f"documents of {config.split!r} instead") from None
-        hint = (" offline: use local copies with data.files=<glob of .parquet / .jsonl / .txt files>"
-                if files is None and hub_offline() else "")
+        hint = ("; offline (HF_HUB_OFFLINE=1), use local copies with data.files=<glob of .parquet / .jsonl / .txt "
+                "files> and data.path=null" if files is None and hub_offline() else "")
         raise ConfigError(f"{where}: {str(error).splitlines()[0]}{hint}") from None
     column = "text" if files is not None and builder == "text" else config.column
     if column not in dataset.column_names:

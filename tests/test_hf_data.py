@@ -247,19 +247,18 @@ def test_the_reproduction_recipe_scaled_down_on_two_ddp_processes(tmp_path):
                  "trainer.max_steps=8")
     assert "8 windows x 64 tokens x 1 processes x 2 accumulated = 1,024 tokens per optimizer step" in \
         one.stdout + one.stderr
-    recipe(tmp_path, "ddp", "trainer.devices=2", "data.batch_size=4", "trainer.max_steps=8")
     recipe(tmp_path, "half", "trainer.devices=2", "data.batch_size=4", "trainer.max_steps=4")
     resumed = recipe(tmp_path, "resumed", "trainer.devices=2", "data.batch_size=4", "trainer.max_steps=8",
                      f"ckpt_path={tmp_path / 'half'}")
     assert "=== resumed at step 4" in resumed.stderr + resumed.stdout
     expected = dict(column(metrics(tmp_path / "one"), "train/loss"))
-    for run in ("ddp", "resumed"):
+    for run in ("half", "resumed"):  # steps 1-4 in both (the resumed run's copied from the first), 5-8 resumed
         got = dict(column(metrics(tmp_path / run), "train/loss"))
-        assert sorted(got) == list(range(8)), run
+        assert sorted(got) == list(range(4 if run == "half" else 8)), run
         for step, loss in got.items():
             assert loss == pytest.approx(expected[step], abs=1e-5), (run, step)
         val, expected_val = (dict(column(metrics(tmp_path / r), "val/loss")) for r in (run, "one"))
-        assert sorted(val) == sorted(expected_val) == [3, 7], run  # validations after steps 4 and 8
+        assert sorted(val) == [3, 7][:1 if run == "half" else 2], run  # validations after steps 4 and 8
         assert all(val[step] == pytest.approx(expected_val[step], abs=1e-5) for step in val), run
 
 
@@ -284,7 +283,8 @@ def test_prepare_writes_the_shards_train_py_then_reads(tmp_path):
     assert "tokenizing" not in run.stderr and "prepared" not in run.stderr  # read, not made again
     scored = subprocess.run([sys.executable, "-m", "gptexp", "evaluate", f"source={tmp_path / 'run'}", *common,
                              f"data.cache_dir={tmp_path / 'shards'}", "data.val_tokens=2048", "logger=none",
-                             f"hydra.run.dir={tmp_path / 'eval'}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                             f"hydra.run.dir={tmp_path / 'eval'}"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
     assert scored.returncode == 0, scored.stderr[-3000:]
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert results["tokens"] == 2048 and results["on"] == "data=hf split=val (first 2,049 tokens)"

@@ -1,8 +1,10 @@
 """Score any model: python -m gptexp evaluate source=<...> [task=perplexity|multiple_choice] [key=value ...]
 
 task=perplexity scores a dataset's split (data=shakespeare, data=tinystories, data=text data.path=...; data=hf
-and its presets from their token shards, the first data.val_tokens tokens when that is set) or any text file (text=<path>) in windows of the model's context starting `stride` tokens apart (by default one
-less than the window), every token after the first scored once: mean nats per token, perplexity, bits per byte and the tokens scored. task=multiple_choice
+and its presets from their token shards, the first data.val_tokens tokens when that is set) or any text file
+(text=<path>) in windows of the model's context starting `stride` tokens apart (by default one less than the
+window), every token after the first scored once: mean nats per token, perplexity, bits per byte and the tokens
+scored. task=multiple_choice
 scores a HellaSwag-format JSON-lines file: acc (the ending with the highest summed log-probability) and
 acc_norm (the highest mean per ending token, as llm.c's hellaswag.py scores it). Results go to results.json
 in the output directory, to stdout and (logger=wandb, the default) to a wandb run of job type eval.

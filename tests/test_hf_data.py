@@ -166,6 +166,7 @@ def test_an_interrupted_preparation_resumes_where_it_stopped(tmp_path):
     ({"files": "/nowhere/*.parquet"}, r"data.files=/nowhere/\*.parquet matches no files"),
     ({"files": "MIXED"}, "matches files ending .json, .parquet"),
     ({"files": "PARQUET", "column": "body"}, "data.column='body' is not a column .* its columns: story, id"),
+    ({"files": "PARQUET", "column": "id"}, r"data.column='id' .* holds int64, not text; its columns: story \(string\)"),
     ({"files": "PARQUET", "path": "some/dataset"}, "both name the text"),
     ({"files": "PARQUET", "tokenizer": "char"}, "tokenizes with the model's tokenizer, not characters"),
     ({"files": "PARQUET", "val_tokens": 10}, "data.val_tokens=10 is less than one window"),

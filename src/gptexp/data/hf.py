@@ -99,8 +99,12 @@ def load_split(config, split: str, files: str | None, key: str):
     if column not in dataset.column_names:
         raise ConfigError(f"data.column={column!r} is not a column of {config.path or files}; its columns: "
                           f"{', '.join(dataset.column_names)}")
-    return dataset.select_columns([column]).rename_column(column, "text") if column != "text" else \
-        dataset.select_columns(["text"])
+    kinds = {name: getattr(feature, "dtype", type(feature).__name__) for name, feature in dataset.features.items()}
+    if kinds[column] not in ("string", "large_string"):
+        raise ConfigError(f"data.column={column!r} of {config.path or files} holds {kinds[column]}, not text; its "
+                          f"columns: {', '.join(f'{name} ({kind})' for name, kind in kinds.items())}")
+    dataset = dataset.select_columns([column])
+    return dataset.rename_column(column, "text") if column != "text" else dataset
 
 
 def passes(config) -> list[Pass]:

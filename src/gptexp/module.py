@@ -98,8 +98,10 @@ class LanguageModelModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()  # synchronised across processes by torchmetrics
         self.val_loss.reset()
-        self.log_dict({"val/loss": loss, "val/ppl": loss.exp()}, prog_bar=True)
-        self.log("steps", float(self.trainer.global_step))  # optimizer steps done: 0 before training
+        # the same on every process already; sync_dist=True says so to Lightning, which warns otherwise
+        synced = self.trainer.world_size > 1
+        self.log_dict({"val/loss": loss, "val/ppl": loss.exp()}, prog_bar=True, sync_dist=synced)
+        self.log("steps", float(self.trainer.global_step), sync_dist=synced)  # optimizer steps done: 0 before training
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Lightning's mixed-precision plugin refuses to clip for an optimizer that unscales inside its step

@@ -143,7 +143,7 @@ class PhaseTimer(L.Callback):
             torch.cuda.synchronize(pl_module.device)
         ms = 1e3 * (time.perf_counter() - self.validation_start)
         self.totals["validation"].append(ms)
-        pl_module.log("time/validation_ms", ms)
+        pl_module.log("time/validation_ms", ms, sync_dist=trainer.world_size > 1)  # the processes' mean
         self.last_end = None  # the next step's wait is not data loading
 
     def on_fit_end(self, trainer, pl_module) -> None:

@@ -289,3 +289,22 @@ def test_prepare_writes_the_shards_train_py_then_reads(tmp_path):
     assert scored.returncode == 0, scored.stderr[-3000:]
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert results["tokens"] == 2048 and results["on"] == "data=hf split=val (first 2,049 tokens)"
+
+
+def test_ctrl_c_during_a_parallel_preparation_ends_in_one_line_and_resumes(tmp_path):
+    many = [f"{s} ({k})" for k in range(24) for s in STORIES]  # 55,584 documents: 55 blocks
+    files = parquet_files(tmp_path / "parquet", parts=4, stories=many)
+    args = [sys.executable, "-m", "gptexp", "prepare", "data=hf", f"data.files={files}", "data.column=story",
+            "data.num_proc=2", "data.shard_tokens=300000", f"output={tmp_path / 'cache'}"]
+    child = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    deadline = time.time() + 120
+    while not list((tmp_path / "cache").glob("*/*/hf_train_000000.bin")) and time.time() < deadline:
+        time.sleep(0.01)
+    os.killpg(child.pid, signal.SIGINT)  # a terminal's Ctrl-C: the command and its workers
+    _, stderr = child.communicate(timeout=60)
+    lines = [line for line in stderr.replace("\r", "\n").splitlines() if line.strip() and "Generating" not in line]
+    assert child.returncode == 130 and lines == ["error: interrupted (Ctrl-C); what was written before stays, "
+                                                 "nothing is half-written"], stderr[-2000:]
+    again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "(resumed at block" in again.stdout, again.stderr[-2000:]

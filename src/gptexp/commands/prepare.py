@@ -29,9 +29,8 @@ def prepare(cfg: DictConfig) -> dict[str, int]:
             data_cfg["cache_dir"] = cfg.output
         done = data.load(data_cfg, cfg.tokenizer).tokens.prepare()
         for split in sorted(done.tokens, reverse=True):
-            print(f"{split}: {done.documents[split]:,} documents, {done.tokens[split]:,} tokens in "
-                  f"{done.shards[split]} shard{'s' * (done.shards[split] != 1)}")
-        rate = f", {sum(done.tokens.values()) / done.seconds:,.0f} tokens/s" if done.seconds else " (there already)"
+            print(done.split(split))
+        rate = f", {done.tokens_per_second:,.0f} tokens/s" if done.seconds else " (there already)"
         if done.resumed_at:
             rate += f" (resumed at block {done.resumed_at:,} of {done.blocks:,})"
         print(f"-> {done.directory} in {done.seconds:.1f} s{rate}")

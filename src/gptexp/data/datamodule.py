@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import lightning as L
@@ -43,22 +43,18 @@ class DataConfig:
     shard_tokens: int = 100_000_000
 
     def __post_init__(self):
-        for key in ("seq_len", "batch_size"):
-            if getattr(self, key) is not None and getattr(self, key) <= 0:
-                raise ValueError(f"{key} must be a positive integer, got {getattr(self, key)}")
-        if self.eval_batch_size is not None and self.eval_batch_size <= 0:
-            raise ValueError(f"eval_batch_size must be a positive integer or null, got {self.eval_batch_size}")
+        for field in fields(self):
+            if field.name in ("seq_len", "batch_size", "eval_batch_size", "val_tokens", "num_proc", "shard_tokens"):
+                value = getattr(self, field.name)
+                if value is not None and (isinstance(value, bool) or value <= 0):
+                    nullable = " or null" * (field.default is None)
+                    raise ValueError(f"{field.name} must be a positive integer{nullable}, got {value!r}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.tokenizer not in ("model", "char"):
             raise ValueError(f"tokenizer must be 'model' or 'char', got {self.tokenizer!r}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
-        for key in ("val_tokens", "num_proc", "shard_tokens"):
-            value = getattr(self, key)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-                nullable = " or null" * (key != "shard_tokens")
-                raise ValueError(f"{key} must be a positive integer{nullable}, got {value!r}")
         if self.sampling not in ("random", "epoch"):
             raise ValueError(f"sampling must be 'random' or 'epoch', got {self.sampling!r}")
 

@@ -18,6 +18,7 @@ import json
 import logging
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from contextlib import contextmanager
@@ -46,11 +47,19 @@ class Summary:
     directory: Path
     resumed_at: int = 0  # the block an interrupted preparation started again from (0: from the start)
     blocks: int = 0
+    tokenized: int = 0  # tokens this call made (the rest were there when it resumed)
+
+    def split(self, split: str) -> str:
+        shards = self.shards[split]
+        return f"{split}: {self.documents[split]:,} documents, {self.tokens[split]:,} tokens in {shards} shard" + \
+            "s" * (shards != 1)
 
     def describe(self) -> str:
-        return "; ".join(f"{split} {self.documents[split]:,} documents, {self.tokens[split]:,} tokens in "
-                         f"{self.shards[split]} shard{'s' * (self.shards[split] != 1)}" for split in sorted(self.tokens,
-                                                                                                   reverse=True))
+        return "; ".join(self.split(split) for split in sorted(self.tokens, reverse=True))
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokenized / self.seconds if self.seconds else 0.0
 
 
 def blocks(reads) -> list[tuple[int, int, int]]:
@@ -65,6 +74,7 @@ _work: dict = {}  # what a worker process reads and tokenizes with (set once per
 
 
 def _start_worker(reads, state: dict) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to answer (in one line)
     _work.update(reads=reads, tokenizer=tokenizer_from_state(state))
 
 
@@ -186,7 +196,7 @@ def prepare(directory: Path, name: str, reads, tokenizer, num_proc: int, shard_t
         if start:
             log.info("resuming the preparation of %s at block %d of %d", directory, start, len(work))
         began = time.perf_counter()
-        tokens = sum(w.pending_tokens + sum(s["tokens"] for s in w.shards) for w in writers.values())
+        tokens = had = sum(w.pending_tokens + sum(s["tokens"] for s in w.shards) for w in writers.values())
         bar = tqdm(total=sum(end - begin for _, begin, end in work[start:]), desc=f"tokenizing {name}", unit="doc",
                    unit_scale=True, dynamic_ncols=True, disable=None, file=sys.stderr)
         with _pool(reads, tokenizer, num_proc) as tokenized:
@@ -206,9 +216,10 @@ def prepare(directory: Path, name: str, reads, tokenizer, num_proc: int, shard_t
             writer.flush()
         manifest["complete"] = True
         checkpoint(directory, manifest, writers, len(work))
-        done = summary(manifest, directory, time.perf_counter() - began, resumed_at=start, blocks=len(work))
+        done = summary(manifest, directory, time.perf_counter() - began, resumed_at=start, blocks=len(work),
+                       tokenized=tokens - had)
         log.info("prepared %s in %.1f s (%s tokens/s, %d processes): %s", directory, done.seconds,
-                 f"{sum(done.tokens.values()) / max(done.seconds, 1e-9):,.0f}", num_proc, done.describe())
+                 f"{done.tokens_per_second:,.0f}", num_proc, done.describe())
         return done
 
 

@@ -15,6 +15,9 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from gptexp import hardware  # noqa: E402
+from gptexp.models import generation  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -24,6 +27,17 @@ def token_cache(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("token-cache")
     os.environ["GPTEXP_CACHE"] = str(path)
     return path
+
+
+@pytest.fixture
+def one_row_kernel(tmp_path, monkeypatch):
+    """Call with "onednn" or "mkl" to make it the kernel one float32 row decodes through (the choice
+    `generation.one_row_kernel` otherwise measures), kept in a cache of the test's own."""
+    monkeypatch.setenv("GPTEXP_CACHE", str(tmp_path / "cache"))
+
+    def choose(kernel: str) -> None:
+        hardware.keep(generation.ONE_ROW_KERNELS, hardware.cpu_key(torch.float32), kernel)
+    return choose
 
 
 @pytest.fixture(autouse=True)

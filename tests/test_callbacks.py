@@ -88,4 +88,4 @@ def test_a_cpu_peak_is_measured_once_per_machine_and_the_fastest_kept(tmp_path, 
     (tmp_path / "a-file").write_text("")
     monkeypatch.setenv("GPTEXP_CACHE", str(tmp_path / "a-file" / "cache"))  # cannot be written: measured, not raised
     assert kept_peak_flops("cpu")[1].startswith("measured")
-    assert "could not keep the measured CPU peak" in caplog.text
+    assert "could not keep the measured cpu peak flops" in caplog.text

@@ -1,7 +1,10 @@
+import json
+
 import pytest
 import torch
 
-from gptexp.models import GPT2, GPT2Config
+from gptexp import hardware
+from gptexp.models import GPT2, GPT2Config, generation
 from gptexp.models.generation import onednn_linears, sample_next
 
 
@@ -60,7 +63,8 @@ def test_model_config_errors_name_the_fix():
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 2])  # float32's one row: the weights in place; else copies in oneDNN's layout
-def test_onednn_linears_give_the_same_logits_and_are_removed_afterwards(rows, dtype):
+def test_onednn_linears_give_the_same_logits_and_are_removed_afterwards(rows, dtype, one_row_kernel):
+    one_row_kernel("onednn")
     model = GPT2(GPT2Config(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32)).eval().to(dtype)
     x = torch.randint(0, 50, (rows, 16))
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the products' own rounding, summed in float32
@@ -74,6 +78,29 @@ def test_onednn_linears_give_the_same_logits_and_are_removed_afterwards(rows, dt
     assert not any("forward" in vars(m) for m in model.modules())  # the plain forward is back, even after an error
     with torch.inference_mode(), onednn_linears(model, batch=rows) as used:
         assert not used  # a few KiB of weights stay in the caches: the plain product is faster
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+def test_one_float32_row_reads_through_the_kernel_measured_faster_on_this_machine(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("GPTEXP_CACHE", str(tmp_path))
+    caplog.set_level("INFO", logger="gptexp.models.generation")
+    model = GPT2(GPT2Config(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32)).eval()
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    with onednn_linears(model, batch=1, min_bytes=0) as used:  # the first call measures both and keeps the faster
+        kept = json.loads(hardware.kept_path(generation.ONE_ROW_KERNELS).read_text())
+        assert kept == {hardware.cpu_key(torch.float32): "onednn" if used else "mkl"}
+    assert caplog.text.count("one float32 row decodes through") == 1
+    assert generation.one_row_kernel(linears) == kept[hardware.cpu_key(torch.float32)]
+    assert caplog.text.count("one float32 row decodes through") == 1  # kept: not measured again
+    for kernel in ("onednn", "mkl"):
+        hardware.keep(generation.ONE_ROW_KERNELS, hardware.cpu_key(torch.float32), kernel)
+        with onednn_linears(model, batch=1, min_bytes=0) as used:
+            assert used == (kernel == "onednn")
+        with onednn_linears(model, batch=2, min_bytes=0) as used:
+            assert used  # more rows, and bf16, always read oneDNN's packed copies
+    hardware.kept_path(generation.ONE_ROW_KERNELS).write_text("{damaged")
+    assert generation.one_row_kernel(linears, rounds=1) in ("onednn", "mkl")  # measured again and rewritten
+    assert hardware.cpu_key(torch.float32) in hardware.read_kept(generation.ONE_ROW_KERNELS)
 
 
 @pytest.mark.filterwarnings("ignore:TF32 acceleration")  # torch.backends.mkldnn.flags warns on CPU builds

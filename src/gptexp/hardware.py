@@ -52,13 +52,21 @@ def kept_peak_flops(device: torch.device | str, dtype: torch.dtype = torch.float
     """peak_flops, except that a CPU's is the fastest rate measured on this machine so far (CPU model, threads,
     torch and dtype alike), kept in gptexp's cache: runs share one MFU denominator and skip the measurement
     (0.6 s on a 2-core CPU). Where none is kept yet, it is measured now and kept."""
-    if torch.device(device).type == "cpu" and (kept := read_kept_peaks().get(cpu_key(dtype))) is not None:
+    if torch.device(device).type == "cpu" and (kept := read_kept(PEAKS).get(cpu_key(dtype))) is not None:
         return kept, f"the fastest 2048^3 torch.mm measured on this CPU, kept in {kept_peaks_path()}"
     return peak_flops(device, dtype, repeats=4)
 
 
+PEAKS = "cpu_peak_flops"  # the kept measurements' file: {cpu_key(dtype): FLOP/s}
+
+
+def kept_path(name: str) -> Path:
+    """The file in gptexp's cache that keeps the measurements called `name`, one value per machine."""
+    return Path(os.environ.get("GPTEXP_CACHE", CACHE_DIR)).expanduser() / f"{name}.json"
+
+
 def kept_peaks_path() -> Path:
-    return Path(os.environ.get("GPTEXP_CACHE", CACHE_DIR)).expanduser() / "cpu_peak_flops.json"
+    return kept_path(PEAKS)
 
 
 def cpu_key(dtype: torch.dtype) -> str:
@@ -74,27 +82,31 @@ def cpu_name() -> str:
     return names[0] if names else platform.processor() or platform.machine()
 
 
-def read_kept_peaks() -> dict[str, float]:
+def read_kept(name: str) -> dict:
     try:
-        peaks = json.loads(kept_peaks_path().read_text())
+        kept = json.loads(kept_path(name).read_text())
     except (OSError, ValueError):
-        peaks = None
-    return peaks if isinstance(peaks, dict) else {}  # none kept yet, or a file that is not ours: measure again
+        kept = None
+    return kept if isinstance(kept, dict) else {}  # none kept yet, or a file that is not ours: measure again
 
 
-def keep_cpu_peak(dtype: torch.dtype, flops: float) -> None:
-    """Keep `flops` as this CPU's peak if it is faster than the one kept (written atomically; a cache that
-    cannot be written only means the next run measures again)."""
-    peaks, key, path = read_kept_peaks(), cpu_key(dtype), kept_peaks_path()
-    if flops <= peaks.get(key, 0.0):
-        return
+def keep(name: str, key: str, value) -> None:
+    """Keep `value` for `key` in the measurements called `name` (written atomically; a cache that cannot be
+    written only means the next run measures again)."""
+    path = kept_path(name)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-        partial.write_text(json.dumps(peaks | {key: flops}, indent=1))
+        partial.write_text(json.dumps(read_kept(name) | {key: value}, indent=1))
         os.replace(partial, path)
     except OSError as error:
-        log.warning("could not keep the measured CPU peak in %s: %s", path, error)
+        log.warning("could not keep the measured %s in %s: %s", name.replace("_", " "), path, error)
+
+
+def keep_cpu_peak(dtype: torch.dtype, flops: float) -> None:
+    """Keep `flops` as this CPU's peak if it is faster than the one kept."""
+    if flops > read_kept(PEAKS).get(cpu_key(dtype), 0.0):
+        keep(PEAKS, cpu_key(dtype), flops)
 
 
 def fastest_seconds(work, repeats: int) -> float:

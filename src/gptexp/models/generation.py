@@ -7,6 +7,8 @@ A model plugs in by providing `context_length`, `new_kv_cache(batch, max_len, pa
 from __future__ import annotations
 
 import contextlib
+import logging
+import time
 from collections.abc import Iterator
 
 import psutil
@@ -14,14 +16,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gptexp import hardware
+
+log = logging.getLogger(__name__)
+
 # Decoding a few rows reads every weight once per token, so on a CPU it is bound by memory bandwidth.
 # `generate` runs each nn.Linear through oneDNN's inner product (docs/benchmarks.md, "Decoding through
-# oneDNN", "Decoding in bf16"). In float32 one row streams nn.Linear's (out, in) weight in place 1.5x faster
-# than MKL's product, and 8 rows stream a copy reordered into oneDNN's blocked layout 2.2x faster. In bf16
-# every batch reads such a copy: oneDNN's bf16 kernels want the input dimension in pairs (AB16b64a2b), and
-# from the plain layout one row streams 1.4-1.5x slower. The copies are made once per call. Below ONEDNN_MIN_BYTES
-# the weights stay in the CPU's caches, where the plain product wins (oneDNN adds ~20-40 µs a call).
+# oneDNN", "Decoding in bf16", "One float32 row"). 8 float32 rows stream a copy reordered into oneDNN's blocked
+# layout 1.5-2.2x faster than MKL's product. In bf16 every batch reads such a copy: oneDNN's bf16 kernels want
+# the input dimension in pairs (AB16b64a2b), and from the plain layout one row streams 1.2-1.5x slower. The
+# copies are made once per call. One float32 row reads nn.Linear's (out, in) weight in place, through whichever
+# of oneDNN and MKL is faster on this machine (oneDNN 1.5x on one AMD Zen 4, MKL 1.2x on one Xeon): measured
+# once, on the first model decoded, and kept like the CPU's peak. Below ONEDNN_MIN_BYTES the weights stay in
+# the CPU's caches, where the plain product wins (oneDNN adds ~20-40 µs a call).
 ONEDNN_MIN_BYTES = 32 * 2**20
+ONE_ROW_KERNELS = "cpu_one_row_kernel"  # the kept choices: {hardware.cpu_key(float32): "onednn" or "mkl"}
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -59,7 +68,8 @@ def onednn_linears(model: nn.Module, batch: int, min_bytes: int = ONEDNN_MIN_BYT
     """Within the block, every nn.Linear of an eager float32 or bf16 CPU model runs through oneDNN, for
     `batch` rows a call: from its own weight for one float32 row, else from a copy in oneDNN's blocked
     layout; yields whether it did. Linears are left alone where oneDNN is missing or disabled, where their
-    weights mix dtypes or total less than min_bytes, and where the copies would not fit in the free memory."""
+    weights mix dtypes or total less than min_bytes, where the copies would not fit in the free memory, and
+    for one float32 row where MKL's product reads the weights faster on this machine (one_row_kernel)."""
     linears = [m for m in model.modules() if type(m) is nn.Linear and "forward" not in vars(m)]
     dtypes = {m.weight.dtype for m in linears}
     pack = batch > 1 or dtypes == {torch.bfloat16}
@@ -70,7 +80,7 @@ def onednn_linears(model: nn.Module, batch: int, min_bytes: int = ONEDNN_MIN_BYT
               and all(m.weight.device.type == "cpu" for m in linears) and len(dtypes) == 1
               and dtypes <= {torch.float32, torch.bfloat16}
               and weight_bytes >= min_bytes and pack * weight_bytes < psutil.virtual_memory().available / 2)
-    if not usable:
+    if not usable or (not pack and one_row_kernel(linears) == "mkl"):
         yield False
         return
     try:
@@ -83,6 +93,32 @@ def onednn_linears(model: nn.Module, batch: int, min_bytes: int = ONEDNN_MIN_BYT
     finally:
         for m in linears:
             vars(m).pop("forward", None)
+
+
+def one_row_kernel(linears: list[nn.Linear], rounds: int = 4) -> str:
+    """"onednn" or "mkl": which reads these float32 linears' weights in place faster for one row on this
+    machine (CPU model, threads and torch alike). Kept in gptexp's cache after its first measurement: the
+    fastest of `rounds` interleaved passes over the linears (0.2 s for GPT-2 124M's 496 MB on two cores)."""
+    key = hardware.cpu_key(torch.float32)
+    if (kept := hardware.read_kept(ONE_ROW_KERNELS).get(key)) in ("onednn", "mkl"):
+        return kept
+    onednn = torch.ops.mkldnn._linear_pointwise.default
+    rows = [(torch.zeros(1, m.in_features), m.weight.detach(), m.bias) for m in linears]
+    passes = {"onednn": lambda: [onednn(x, weight, bias, "none", [], "") for x, weight, bias in rows],
+              "mkl": lambda: [F.linear(x, weight, bias) for x, weight, bias in rows]}
+    seconds = dict.fromkeys(passes, float("inf"))
+    with torch.inference_mode():
+        for _ in range(rounds):  # interleaved, so that a slow moment of the machine slows both
+            for name, run in passes.items():
+                start = time.perf_counter()
+                run()
+                seconds[name] = min(seconds[name], time.perf_counter() - start)
+    choice = min(seconds, key=seconds.get)
+    log.info("one float32 row decodes through %s on this CPU: %.1f ms a pass over the linears, against %.1f "
+             "(kept in %s)", choice, 1e3 * seconds[choice], 1e3 * max(seconds.values()),
+             hardware.kept_path(ONE_ROW_KERNELS))
+    hardware.keep(ONE_ROW_KERNELS, key, choice)
+    return choice
 
 
 @contextlib.contextmanager

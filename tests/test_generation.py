@@ -81,26 +81,23 @@ def test_onednn_linears_give_the_same_logits_and_are_removed_afterwards(rows, dt
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
-def test_one_float32_row_reads_through_the_kernel_measured_faster_on_this_machine(tmp_path, monkeypatch, caplog):
+def test_one_float32_row_reads_through_the_kernel_measured_faster_on_this_machine(tmp_path, monkeypatch):
     monkeypatch.setenv("GPTEXP_CACHE", str(tmp_path))
-    caplog.set_level("INFO", logger="gptexp.models.generation")
     model = GPT2(GPT2Config(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32)).eval()
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    key, path = hardware.cpu_key(torch.float32), hardware.kept_path(generation.ONE_ROW_KERNELS)
     with onednn_linears(model, batch=1, min_bytes=0) as used:  # the first call measures both and keeps the faster
-        kept = json.loads(hardware.kept_path(generation.ONE_ROW_KERNELS).read_text())
-        assert kept == {hardware.cpu_key(torch.float32): "onednn" if used else "mkl"}
-    assert caplog.text.count("one float32 row decodes through") == 1
-    assert generation.one_row_kernel(linears) == kept[hardware.cpu_key(torch.float32)]
-    assert caplog.text.count("one float32 row decodes through") == 1  # kept: not measured again
-    for kernel in ("onednn", "mkl"):
-        hardware.keep(generation.ONE_ROW_KERNELS, hardware.cpu_key(torch.float32), kernel)
+        assert json.loads(path.read_text()) == {key: "onednn" if used else "mkl"}
+    for kernel in ("onednn", "mkl"):  # a kept choice is used as it is, not measured again
+        hardware.keep(generation.ONE_ROW_KERNELS, key, kernel)
+        assert generation.one_row_kernel(linears) == kernel
         with onednn_linears(model, batch=1, min_bytes=0) as used:
             assert used == (kernel == "onednn")
         with onednn_linears(model, batch=2, min_bytes=0) as used:
             assert used  # more rows, and bf16, always read oneDNN's packed copies
-    hardware.kept_path(generation.ONE_ROW_KERNELS).write_text("{damaged")
+    path.write_text("{damaged")
     assert generation.one_row_kernel(linears, rounds=1) in ("onednn", "mkl")  # measured again and rewritten
-    assert hardware.cpu_key(torch.float32) in hardware.read_kept(generation.ONE_ROW_KERNELS)
+    assert key in hardware.read_kept(generation.ONE_ROW_KERNELS)
 
 
 @pytest.mark.filterwarnings("ignore:TF32 acceleration")  # torch.backends.mkldnn.flags warns on CPU builds

@@ -32,6 +32,8 @@ GPU_PEAKS = {
     "T4": (65e12, 8.1e12),
 }
 
+PEAKS = "cpu_peak_flops"  # the kept measurements of a CPU's peak, in gptexp's cache: {cpu_key(dtype): FLOP/s}
+
 
 def peak_flops(device: torch.device | str, dtype: torch.dtype = torch.float32, repeats: int = 10) -> tuple[float, str]:
     """(peak FLOP/s, where the number comes from) for matrix products in `dtype` on `device`; a CPU's is the
@@ -55,9 +57,6 @@ def kept_peak_flops(device: torch.device | str, dtype: torch.dtype = torch.float
     if torch.device(device).type == "cpu" and (kept := read_kept(PEAKS).get(cpu_key(dtype))) is not None:
         return kept, f"the fastest 2048^3 torch.mm measured on this CPU, kept in {kept_peaks_path()}"
     return peak_flops(device, dtype, repeats=4)
-
-
-PEAKS = "cpu_peak_flops"  # the kept measurements' file: {cpu_key(dtype): FLOP/s}
 
 
 def kept_path(name: str) -> Path:

@@ -114,9 +114,9 @@ def one_row_kernel(linears: list[nn.Linear], rounds: int = 4) -> str:
                 run()
                 seconds[name] = min(seconds[name], time.perf_counter() - start)
     choice = min(seconds, key=seconds.get)
-    log.info("one float32 row decodes through %s on this CPU: %.1f ms a pass over the linears, against %.1f "
-             "(kept in %s)", choice, 1e3 * seconds[choice], 1e3 * max(seconds.values()),
-             hardware.kept_path(ONE_ROW_KERNELS))
+    log.debug("one float32 row decodes through %s on this CPU: %.1f ms a pass over the linears, against %.1f "
+              "(kept in %s)", choice, 1e3 * seconds[choice], 1e3 * max(seconds.values()),
+              hardware.kept_path(ONE_ROW_KERNELS))  # debug: `sample` streams its text to the same terminal
     hardware.keep(ONE_ROW_KERNELS, key, choice)
     return choice
 

@@ -291,6 +291,12 @@ def test_prepare_writes_the_shards_train_py_then_reads(tmp_path):
     assert results["tokens"] == 2048 and results["on"] == "data=hf split=val (first 2,049 tokens)"
 
 
+def saved_progress(cache: Path) -> bool:
+    """Whether a preparation under `cache` has recorded a block consumed in its manifest."""
+    manifests = (sharding.read_manifest(path.parent) or {} for path in cache.glob("*/*/manifest.json"))
+    return any(manifest.get("next_block", 0) > 0 for manifest in manifests)
+
+
 def test_ctrl_c_during_a_parallel_preparation_ends_in_one_line_and_resumes(tmp_path):
     many = [f"{s} ({k})" for k in range(24) for s in STORIES]  # 55,584 documents: 55 blocks
     files = parquet_files(tmp_path / "parquet", parts=4, stories=many)
@@ -299,8 +305,8 @@ def test_ctrl_c_during_a_parallel_preparation_ends_in_one_line_and_resumes(tmp_p
     child = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              start_new_session=True)
     deadline = time.time() + 120
-    while not list((tmp_path / "cache").glob("*/*/hf_train_000000.bin")) and time.time() < deadline:
-        time.sleep(0.01)
+    while not saved_progress(tmp_path / "cache") and time.time() < deadline:
+        time.sleep(0.01)  # a shard's file appears just before the manifest records it: wait for the record
     os.killpg(child.pid, signal.SIGINT)  # a terminal's Ctrl-C: the command and its workers
     _, stderr = child.communicate(timeout=60)
     lines = [line for line in stderr.replace("\r", "\n").splitlines() if line.strip() and "Generating" not in line]

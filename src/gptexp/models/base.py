@@ -19,8 +19,8 @@ class LanguageModel(nn.Module):
     with return_logits=False it computes the loss without materialising the logits (head_loss) and returns
     (None, loss).
 
-    Subclasses define `context_length`, `new_kv_cache`, `flops_per_token`, `from_pretrained` and
-    `tokenizer_for`; generation, the loss and activation checkpointing are shared here.
+    Subclasses define `lm_head`, `context_length`, `new_kv_cache`, `flops_per_token`, `from_pretrained` and
+    `tokenizer_for`; generation, the head's output and loss, and activation checkpointing are shared here.
     """
 
     activation_checkpointing = False  # recompute each block's activations in backward instead of storing them
@@ -53,6 +53,14 @@ class LanguageModel(nn.Module):
     def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy over every target that is not -1, computed in float32."""
         return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+
+    def output(self, hidden: torch.Tensor, targets: torch.Tensor | None,
+               return_logits: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """forward's result from the final normalised hidden states: (logits, loss), or (None, head_loss)."""
+        if not return_logits and targets is not None:
+            return None, self.head_loss(self.lm_head, hidden, targets)
+        logits = self.lm_head(hidden)
+        return logits, None if targets is None else self.loss(logits, targets)
 
     @staticmethod
     @torch.no_grad()

@@ -155,10 +155,7 @@ class GPT2(LanguageModel):
         x = self.transformer.ln_f(x)
         if cache is not None:
             cache.length += T
-        if not return_logits and targets is not None:
-            return None, self.head_loss(self.lm_head, x, targets)
-        logits = self.lm_head(x)
-        return logits, None if targets is None else self.loss(logits, targets)
+        return self.output(x, targets, return_logits)
 
     # --- Hugging Face checkpoints ------------------------------------------------------------
 

@@ -61,9 +61,10 @@ def test_each_cpu_precision_trains_clips_and_samples(name, curves):
 
 
 def test_bf16_mixed_tracks_float32(curves):
-    """Measured: train/loss within 0.0011 and val/loss within 0.0002 of float32's over 200 steps (bf16-true,
-    whose weights round every update, drifts 0.05: not held to this)."""
-    for name, tolerance in (("train/loss", 0.005), ("val/loss", 0.002)):
+    """Measured over 200 steps: train/loss within 0.0011 and val/loss within 0.0002 of float32's on a Xeon with
+    AMX; val/loss within 0.0025 on an AMD Zen 4 (AVX512-BF16 without AMX: other bf16 kernels), 2026-12-04.
+    bf16-true, whose weights round every update, drifts 0.05: not held to this."""
+    for name, tolerance in (("train/loss", 0.005), ("val/loss", 0.004)):
         fp32, bf16 = (column(metrics(curves[p][0]), name) for p in ("32-true", "bf16-mixed"))
         assert [s for s, _ in fp32] == [s for s, _ in bf16]
         assert max(abs(a - b) for (_, a), (_, b) in zip(fp32, bf16)) < tolerance, name

@@ -76,7 +76,7 @@ def whole_split_loss(nanogpt: Path, out_dir: Path) -> float:
     from model import GPT, GPTConfig  # nanoGPT's own
 
     sys.path.remove(str(nanogpt))
-    checkpoint = torch.load(out_dir / "ckpt.pt", map_location="cpu", weights_only=False)
+    checkpoint = torch.load(out_dir / "ckpt.pt", map_location="cpu", weights_only=True)
     model = GPT(GPTConfig(**checkpoint["model_args"]))
     model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in checkpoint["model"].items()})
     model.eval()

@@ -1,6 +1,7 @@
 """Checkpoints that survive crashes: each is written to a temporary file beside its target and renamed
 into place, so a process killed mid-write leaves the previous checkpoint whole; a truncated or corrupt
-file is reported as such, naming the file and what to do."""
+file is reported as such, naming the file and what to do. They hold tensors and plain data only, and are
+read back without running code from them (gptexp.safe_load)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
 
+from gptexp.safe_load import UnsafeFileError, torch_load
 from gptexp.writing import write_atomically, writing
 
 
@@ -41,10 +43,11 @@ def check_readable(path: str | os.PathLike) -> None:
 
 
 def load(path: str | os.PathLike, map_location="cpu", mmap: bool = False) -> dict:
-    """A checkpoint written by gptexp (trusted: it holds pickled training state, not just tensors)."""
+    """A checkpoint written by gptexp, unpickled weights-only: one that asks for any other type raises
+    UnsafeFileError naming it (unless the command trusts it: gptexp.safe_load.trusting)."""
     check_readable(path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
+        return torch_load(path, map_location=map_location, mmap=mmap)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
         raise CheckpointError(f"{path} is corrupt ({error}); resume from an earlier checkpoint "
                               f"(checkpoints/best.ckpt beside it) or leave ckpt_path unset") from error
@@ -80,10 +83,10 @@ def remove_partial_writes(directory: str | os.PathLike) -> int:
 
 
 def saved_step(path: str | os.PathLike) -> int | None:
-    """The optimizer steps a checkpoint file holds, or None if it does not load."""
+    """The optimizer steps a checkpoint file holds, or None if it does not load (or is refused)."""
     try:
         return int(load(path, mmap=True).get("global_step", 0))
-    except (CheckpointError, OSError):
+    except (CheckpointError, UnsafeFileError, OSError):
         return None
 
 

@@ -28,10 +28,11 @@ from gptexp.config import ConfigError
 from gptexp.data.llmc_shards import ShardError
 from gptexp.hydra_callbacks import NEW_DIRECTORIES
 from gptexp.models.llmc import LlmcFormatError
+from gptexp.safe_load import UnsafeFileError
 from gptexp.writing import WriteError
 
-BAD_INPUT = (ConfigError, CheckpointError, LlmcFormatError, ShardError, FileNotFoundError, NotADirectoryError,
-             IsADirectoryError, PermissionError, HydraException, OmegaConfBaseException)
+BAD_INPUT = (ConfigError, CheckpointError, UnsafeFileError, LlmcFormatError, ShardError, FileNotFoundError,
+             NotADirectoryError, IsADirectoryError, PermissionError, HydraException, OmegaConfBaseException)
 HYDRA_OWN = {".hydra", ".lock"}  # with *.log: what Hydra (and the run lock) put in a run directory first
 OUR_FULL_ERROR = "GPTEXP_SET_HYDRA_FULL_ERROR"  # marks a HYDRA_FULL_ERROR=1 set by run_command(), not the user
 

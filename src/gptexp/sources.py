@@ -5,7 +5,8 @@ Face directory or hub id (GPT-2 or LLaMA), a Meta LLaMA directory, a llama2.c .b
 The architecture comes from the source itself; so does the tokenizer: a checkpoint records its own (a
 character-level run's characters travel with it), checkpoints written before that take it from the run's
 saved config, and the other formats bring theirs (GPT-2's BPE, a LLaMA's tokenizer.model). A LoRA run's
-adapter is folded into the base weights.
+adapter is folded into the base weights. Pickled files (checkpoints, Meta .pth, pytorch_model.bin) are read
+without running code from them (gptexp.safe_load).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from gptexp.data.tokenizers import gpt2_tokenizer, load_tokenizer, tokenizer_fro
 from gptexp.models import ARCHITECTURES, GPT2, LanguageModel, Llama
 from gptexp.models.llmc import MODEL_MAGIC, read_model
 from gptexp.models.pretrained import read_json, resolve_pretrained
+from gptexp.safe_load import UnsafeFileError, trusting
 
 FORMATS = ("a run directory (checkpoints/best.ckpt or last.ckpt)", "a .ckpt file",
            "a Hugging Face directory (config.json) or hub id", "a Meta directory (params.json)",
@@ -53,14 +55,16 @@ class Source:
         return name
 
 
-def load_source(source: str, checkpoint: str = "best") -> Source:
+def load_source(source: str, checkpoint: str = "best", trust: bool = False) -> Source:
     """The model and tokenizer `source` names (see the module docstring); `checkpoint` picks a run
-    directory's best or last checkpoint. Raises ConfigError naming what was looked for."""
+    directory's best or last checkpoint. Raises ConfigError naming what was looked for, and UnsafeFileError
+    for a pickled file that asks for more than tensors and plain data, unless `trust` (trust_checkpoint=true)."""
     if checkpoint not in ("best", "last"):
         raise ConfigError(f"checkpoint={checkpoint!r}: choose best or last")
     try:
-        return _load(str(source), checkpoint)
-    except ConfigError:
+        with trusting(trust):
+            return _load(str(source), checkpoint)
+    except (ConfigError, UnsafeFileError):
         raise
     except (FileNotFoundError, ValueError) as error:
         raise ConfigError(f"source={source}: {error}") from error

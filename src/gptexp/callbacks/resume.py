@@ -20,15 +20,24 @@ log = logging.getLogger(__name__)
 
 
 def rng_states() -> dict:
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors and plain data (a checkpoint then loads weights-only, with nothing else)."""
+    kind, key, position, has_gauss, cached_gaussian = np.random.get_state()
+    numpy = {"kind": kind, "key": torch.from_numpy(key.astype(np.int64)), "position": position,
+             "has_gauss": has_gauss, "cached_gaussian": cached_gaussian}
+    states = {"python": random.getstate(), "numpy": numpy, "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
 
 
 def set_rng_states(states: dict) -> None:
+    """Put back what rng_states took (or, from checkpoints written before 2026-12-04, NumPy's own state tuple)."""
     random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    numpy = states["numpy"]
+    if isinstance(numpy, dict):
+        numpy = (numpy["kind"], numpy["key"].numpy().astype(np.uint32), numpy["position"], numpy["has_gauss"],
+                 numpy["cached_gaussian"])
+    np.random.set_state(numpy)
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])

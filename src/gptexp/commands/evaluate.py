@@ -167,7 +167,7 @@ def evaluate(cfg: DictConfig) -> dict:
         raise ConfigError(f"task={cfg.task!r}: choose {', '.join(TASKS[:-1])} or {TASKS[-1]}")
     if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
         raise ConfigError(f"batch_size must be an integer >= 1, got {cfg.batch_size!r}")
-    source = load_source(str(cfg.source), cfg.checkpoint)
+    source = load_source(str(cfg.source), cfg.checkpoint, cfg.trust_checkpoint)
     source.place(cfg.device, cfg.precision)
     model = source.model
     task = {"perplexity": evaluate_perplexity, "multiple_choice": evaluate_multiple_choice,

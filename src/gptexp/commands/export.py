@@ -19,9 +19,9 @@ from gptexp.sources import load_source
 from gptexp.writing import writing
 
 
-def load_gpt2(source: str, checkpoint: str = "last") -> GPT2:
+def load_gpt2(source: str, checkpoint: str = "last", trust: bool = False) -> GPT2:
     """The GPT-2 `source` names (any format gptexp.sources reads; a LoRA run's adapter merged in)."""
-    model = load_source(source, checkpoint).model
+    model = load_source(source, checkpoint, trust).model
     if not isinstance(model, GPT2):
         raise ConfigError(f"source={source} holds a {type(model).__name__}; only GPT-2 exports to these formats")
     return model.float().eval()
@@ -30,7 +30,7 @@ def load_gpt2(source: str, checkpoint: str = "last") -> GPT2:
 def export(cfg: DictConfig) -> None:
     if cfg.format not in ("llmc", "hf"):
         raise ConfigError(f"format={cfg.format!r}: choose llmc or hf")
-    model = load_gpt2(str(cfg.source), cfg.checkpoint)
+    model = load_gpt2(str(cfg.source), cfg.checkpoint, cfg.trust_checkpoint)
     if cfg.format == "hf":
         with writing(cfg.output):
             model.save_pretrained(cfg.output)

@@ -197,7 +197,7 @@ def chat(model, tokenizer, cfg: DictConfig, generator: torch.Generator) -> list[
 def sample(cfg: DictConfig) -> list[dict]:
     check(cfg)
     prompts = read_prompts(cfg) if cfg.mode == "generate" else []
-    source = load_source(str(cfg.source), cfg.checkpoint)
+    source = load_source(str(cfg.source), cfg.checkpoint, cfg.trust_checkpoint)
     device = source.place(cfg.device, cfg.precision)
     model, tokenizer = source.model, source.tokenizer
     encoded = [encode(tokenizer, text, model.context_length, cfg.crop) for text in prompts]

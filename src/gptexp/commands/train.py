@@ -28,6 +28,7 @@ from gptexp.data.tokenizers import tokenizer_state
 from gptexp.module import LanguageModelModule
 from gptexp.optim import OptimConfig
 from gptexp.run_lock import secondary_rank
+from gptexp.safe_load import trusting
 from gptexp.writing import WriteError
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,8 @@ def main(cfg: DictConfig) -> float | None:
     with answered_errors(cfg.output_dir):
         relaunch_as_this_job()
         try:
-            return run(cfg)
+            with trusting(cfg.trust_checkpoint):  # every checkpoint read below: resume, Lightning's restore, weights
+                return run(cfg)
         except WriteError as error:
             raise Fault(f"{error}; {intact_checkpoint_note(Path(cfg.output_dir) / 'checkpoints')}") from error
 
@@ -85,6 +87,9 @@ def run(cfg: DictConfig) -> float | None:
     ckpt_path = checkpoints.resolve_ckpt_path(cfg.ckpt_path)  # fail before any work when it is wrong
     if ckpt_path is None:  # this directory's run, started again (e.g. a requeued SLURM job)
         ckpt_path = own_checkpoint(Path(cfg.output_dir))
+    # memory-mapped (cheap), weights-only, before any other reader sees the file (Lightning's FSDP restore
+    # unpickles in full): a file asking for more is refused here
+    resumed = checkpoints.load(ckpt_path, mmap=True) if ckpt_path else {}
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
     model_tokenizer = "char" if cfg.data.get("tokenizer") == "char" else models.tokenizer_spec(cfg.model)
@@ -102,7 +107,8 @@ def run(cfg: DictConfig) -> float | None:
     optim = optimizer_config(cfg)
     log.info("optimizer: %s", "Muon for the hidden matrices, AdamW for the rest" if optim.name == "muon" else "AdamW")
     module = LanguageModelModule(model, optim, cfg.on_nonfinite_loss, tokenizer_state(source.tokenizer))
-    resumed = checkpoint_of(ckpt_path, module)
+    if ckpt_path:
+        checkpoints.check_compatible(resumed.get("state_dict", {}), module.state_dict(), ckpt_path)
     if not secondary_rank():  # rank 0 writes the history, and holds the directory's lock
         if partial := checkpoints.remove_partial_writes(Path(cfg.output_dir) / "checkpoints"):
             log.info("removed %d partial checkpoint file(s) left by a killed run", partial)
@@ -148,16 +154,6 @@ def own_checkpoint(run_dir: Path) -> str | None:
                   if path.is_file()]
     steps = {path: checkpoints.load(path, mmap=True).get("global_step", 0) for path in candidates}  # corrupt: refused
     return str(max(steps, key=steps.get)) if steps else None
-
-
-def checkpoint_of(ckpt_path: str | None, module: L.LightningModule) -> dict:
-    """The checkpoint to resume from (memory-mapped: cheap), checked against the module; {} for none."""
-    if ckpt_path is None:
-        return {}
-    checkpoint = checkpoints.load(ckpt_path, mmap=True)
-    checkpoints.check_compatible(checkpoint.get("state_dict", {}), module.state_dict(), ckpt_path)
-    return checkpoint
-
 
 
 def finish_wandb(trainer: L.Trainer) -> None:

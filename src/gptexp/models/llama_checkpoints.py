@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from gptexp.models.pretrained import load_hf_state_dict, read_json, resolve_pretrained
+from gptexp.safe_load import torch_load
 
 # Meta name (per layer without "layers.N.") -> HF name, and the dimension Meta's shards split it on
 META_NAMES = {
@@ -149,7 +150,7 @@ def read_meta(directory: Path) -> Weights:
     shards = sorted(directory.glob("consolidated.*.pth"))
     if not shards:
         raise FileNotFoundError(f"{directory} has params.json but no consolidated.*.pth weight files")
-    parts = [torch.load(s, map_location="cpu", weights_only=True, mmap=True) for s in shards]
+    parts = [torch_load(s, mmap=True) for s in shards]
     state = {}
     for key in parts[0]:
         if key == "rope.freqs":

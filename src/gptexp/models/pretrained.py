@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from gptexp.safe_load import torch_load
+
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # 'gpt2', 'meta-llama/Llama-2-7b-hf'
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
@@ -66,9 +68,9 @@ def load_hf_state_dict(directory: Path) -> dict[str, torch.Tensor]:
         shards = sorted(set(read_json(directory / "model.safetensors.index.json")["weight_map"].values()))
         return {k: v for shard in shards for k, v in load_file(directory / shard).items()}
     if (directory / "pytorch_model.bin").exists():
-        return torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        return torch_load(directory / "pytorch_model.bin")
     if (directory / "pytorch_model.bin.index.json").exists():
         shards = sorted(set(read_json(directory / "pytorch_model.bin.index.json")["weight_map"].values()))
         return {k: v for shard in shards
-                for k, v in torch.load(directory / shard, map_location="cpu", weights_only=True).items()}
+                for k, v in torch_load(directory / shard).items()}
     raise FileNotFoundError(f"no weights in {directory}: expected one of {', '.join(WEIGHT_FILES)}")

@@ -8,7 +8,9 @@ scored. task=multiple_choice
 scores a HellaSwag-format JSON-lines file: acc (the ending with the highest summed log-probability) and
 acc_norm (the highest mean per ending token, as llm.c's hellaswag.py scores it). Results go to results.json
 in the output directory, to stdout and (logger=wandb, the default) to a wandb run of job type eval.
-task=lm_eval runs EleutherAI's harness tasks (tasks=[...], your own with include_path=) on the model.
+task=lm_eval runs EleutherAI's harness tasks (tasks=[...], your own with include_path=) on the model, scored as the
+harness's own HF backend scores the same weights (gptexp.lm_eval_adapter); results.json records the settings that
+change a score (the start-token rule, few-shot counts, limit).
 """
 
 from __future__ import annotations
@@ -147,6 +149,8 @@ def evaluate_lm_eval(model, tokenizer, cfg: DictConfig) -> dict:
     from gptexp.lm_eval_adapter import GptexpLM
     from gptexp.sources import Source
 
+    if cfg.add_bos_token not in (None, True, False):
+        raise ConfigError(f"add_bos_token must be null, true or false, got {cfg.add_bos_token!r}")
     tasks = [cfg.tasks] if isinstance(cfg.tasks, str) else list(cfg.tasks)
     if not tasks:
         raise ConfigError("task=lm_eval needs tasks=[...]: the harness's task names, e.g. tasks=[hellaswag]")
@@ -155,11 +159,19 @@ def evaluate_lm_eval(model, tokenizer, cfg: DictConfig) -> dict:
     if unknown:
         raise ConfigError(f"tasks={unknown}: not tasks the harness knows"
                           + ("" if cfg.include_path else "; your own task YAMLs go in include_path=<dir>"))
-    output = lm_eval.simple_evaluate(model=GptexpLM(Source(model, tokenizer, "")), tasks=tasks, task_manager=manager,
-                                     num_fewshot=cfg.num_fewshot, limit=cfg.limit, log_samples=False)
+    try:
+        lm = GptexpLM(Source(model, tokenizer, ""), add_bos_token=cfg.add_bos_token, batch_size=cfg.batch_size)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    output = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, num_fewshot=cfg.num_fewshot,
+                                     limit=cfg.limit, log_samples=False)
     metrics = {task: {k.split(",")[0]: v for k, v in values.items() if isinstance(v, (int, float)) and "stderr" not in k}
                for task, values in output["results"].items()}
-    return {"task": "lm_eval", "on": ", ".join(tasks), "tasks": metrics}
+    # what changes a score, so that two results are read side by side only when they agree on it
+    settings = {"harness": lm_eval.__version__, "add_bos_token": lm.add_bos_token,
+                "start_token": lm.token_text(lm.bos) if lm.add_bos_token else None, "max_length": lm.max_length,
+                "num_fewshot": dict(output.get("n-shot", {})), "limit": cfg.limit}
+    return {"task": "lm_eval", "on": ", ".join(tasks), "tasks": metrics, "settings": settings}
 
 
 def evaluate(cfg: DictConfig) -> dict:

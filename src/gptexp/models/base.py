@@ -8,16 +8,17 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from gptexp.models import generation
-from gptexp.models.kv_cache import KVCache
+from gptexp.models.kv_cache import KVCache, document_mask, document_positions
 
 
 LOSS_CHUNK_LOGITS = 2**23  # logits per chunk of head_loss: 32 MB in float32 (GPT-2: 166 rows)
 
 
 class LanguageModel(nn.Module):
-    """A causal language model: `forward(idx, targets=None, cache=None, return_logits=True) -> (logits, loss)`;
-    with return_logits=False it computes the loss without materialising the logits (head_loss) and returns
-    (None, loss).
+    """A causal language model: `forward(idx, targets=None, cache=None, return_logits=True, documents=None) ->
+    (logits, loss)`; with return_logits=False it computes the loss without materialising the logits (head_loss)
+    and returns (None, loss); with `documents` (B, T), several examples packed in a row are computed each as if
+    alone (packed_layout).
 
     Subclasses define `lm_head`, `context_length`, `new_kv_cache`, `flops_per_token`, `from_pretrained` and
     `tokenizer_for`; generation, the head's output and loss, and activation checkpointing are shared here.
@@ -31,6 +32,19 @@ class LanguageModel(nn.Module):
         if self.activation_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(block, x, *args, use_reentrant=False)
         return block(x, *args)
+
+    @staticmethod
+    def packed_layout(idx: torch.Tensor, documents: torch.Tensor,
+                      cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions (B, T) and attention mask (B, 1, T, T) of the documents packed in idx's rows: `documents`
+        (B, T) gives each token's document id, non-decreasing along a row (e.g. [0, 0, 0, 1, 1, 2]; padding at the
+        end: one more id). Each token sees itself, so no attention row is empty and padding never makes NaN."""
+        if cache is not None:  # a cache continues one sequence per row, and its mask is the padding's
+            raise ValueError("documents (packed sequences) cannot be used with a KV cache: pass documents=None "
+                             "to decode, or cache=None to run packed rows")
+        if documents.shape != idx.shape:
+            raise ValueError(f"documents must have idx's shape {tuple(idx.shape)}, got {tuple(documents.shape)}")
+        return document_positions(documents), document_mask(documents)
 
     @classmethod
     def tokenizer_for(cls, weights: str) -> str:

@@ -56,11 +56,11 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        offset, mask = 0, None
+        offset = 0
         if cache is not None:
             offset, mask = cache.length, cache.attention_mask(T)
             k, v = cache.update(self.layer_idx, k, v)
@@ -90,8 +90,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -138,20 +138,27 @@ class GPT2(LanguageModel):
                        device=weight.device, pad=pad)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
-                return_logits: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                return_logits: bool = True, documents: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx, targets: (B, T) token ids (targets -1 are ignored). Returns logits (B, T, vocab) and the loss;
-        with return_logits=False, no logits (None) and the loss computed by chunks (head_loss)."""
+        with return_logits=False, no logits (None) and the loss computed by chunks (head_loss). documents (B, T):
+        each token's example in a packed row (LanguageModel.packed_layout)."""
         start = cache.length if cache is not None else 0
         T = idx.size(1)
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens is longer than the model's block_size "
                              f"({self.config.block_size}); crop it to the last {self.config.block_size} tokens "
                              f"or use a model with a longer context")
-        pos = cache.positions(T) if cache is not None and cache.pad is not None else torch.arange(start, start + T,
-                                                                                                  device=idx.device)
+        mask = None
+        if documents is not None:
+            pos, mask = self.packed_layout(idx, documents, cache)
+        elif cache is not None and cache.pad is not None:
+            pos = cache.positions(T)
+        else:
+            pos = torch.arange(start, start + T, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
-            x = self.run_block(block, x, cache)
+            x = self.run_block(block, x, cache, mask)
         x = self.transformer.ln_f(x)
         if cache is not None:
             cache.length += T

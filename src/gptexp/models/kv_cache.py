@@ -1,4 +1,5 @@
-"""Key/value cache for incremental decoding, and the causal attention that reads it."""
+"""Key/value cache for incremental decoding, the causal attention that reads it, and the positions and mask of
+packed documents."""
 
 from __future__ import annotations
 
@@ -55,12 +56,27 @@ class KVCache:
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
 
+def document_positions(documents: torch.Tensor) -> torch.Tensor:
+    """(B, T) position in its document (a run of one id) of each token: from 0, so packed examples run as if alone."""
+    steps = torch.arange(documents.size(1), device=documents.device).expand(documents.shape)
+    first = torch.ones_like(documents, dtype=torch.bool)
+    first[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    return steps - torch.where(first, steps, 0).cummax(dim=1).values  # minus the latest document start
+
+
+def document_mask(documents: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) boolean: each token sees its document's tokens up to itself, so examples never see one another."""
+    steps = torch.arange(documents.size(1), device=documents.device)
+    starts = (steps - document_positions(documents))[:, :, None]  # (B, T, 1): each query's document start
+    return ((steps <= steps[:, None]) & (steps >= starts))[:, None]
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, offset: int = 0,
                      dropout_p: float = 0.0, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Scaled dot-product attention of q (B, H, T, D) over k, v (B, H_kv, offset + T, D).
 
     Query i sits at absolute position offset + i and sees keys 0..offset + i, or what `mask`
-    (KVCache.attention_mask) allows. Grouped-query attention (H_kv < H) is handled by SDPA itself.
+    (KVCache.attention_mask, document_mask) allows. Grouped-query attention (H_kv < H) is handled by SDPA itself.
     """
     gqa = k.size(1) != q.size(1)
     if mask is not None:

@@ -98,13 +98,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin).to(v.dtype), apply_rotary(k, cos, sin).to(v.dtype)
-        offset, mask = 0, None
+        offset = 0
         if cache is not None:
             offset, mask = cache.length, cache.attention_mask(T)
             k, v = cache.update(self.layer_idx, k, v)
@@ -133,8 +134,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -174,22 +176,28 @@ class Llama(LanguageModel):
                        pad=pad)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
-                return_logits: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                return_logits: bool = True, documents: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx, targets: (B, T) token ids (targets -1 are ignored). Returns logits (B, T, vocab) and the loss;
-        with return_logits=False, no logits (None) and the loss computed by chunks (head_loss)."""
+        with return_logits=False, no logits (None) and the loss computed by chunks (head_loss). documents (B, T):
+        each token's example in a packed row (LanguageModel.packed_layout)."""
         start = cache.length if cache is not None else 0
         T = idx.size(1)
         if start + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens is longer than the model's max_seq_len "
                              f"({self.config.max_seq_len}); crop it or raise model.max_seq_len")
-        if cache is not None and cache.pad is not None:  # each row's own positions, heads broadcast
+        positions, mask = None, None
+        if documents is not None:
+            positions, mask = self.packed_layout(idx, documents, cache)
+        elif cache is not None and cache.pad is not None:
             positions = cache.positions(T)
+        if positions is not None:  # each row's own positions, heads broadcast
             cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
         else:
             cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         x = self.model.embed_tokens(idx)
         for layer in self.model.layers:
-            x = self.run_block(layer, x, cos, sin, cache)
+            x = self.run_block(layer, x, cos, sin, cache, mask)
         x = self.model.norm(x)
         if cache is not None:
             cache.length += T

@@ -131,12 +131,15 @@ def test_the_stream_is_whole_characters_while_bytes_arrive():
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
 
 
-@pytest.mark.parametrize("case", ["a character the vocabulary lacks", "an empty prompts file", "chat without BOS/EOS"])
+@pytest.mark.parametrize("case", ["a character the vocabulary lacks", "an empty prompts file",
+                                  "chat without an end-of-sequence token"])
 def test_bad_prompts_get_one_line_and_leave_nothing(case, run_dir, tmp_path):
     (tmp_path / "empty.txt").write_text("\n\n")
     argument, message = {"a character the vocabulary lacks": ("prompt='café'", "character 'é' is not in this"),
                          "an empty prompts file": (f"prompts={tmp_path / 'empty.txt'}", "holds no prompt"),
-                         "chat without BOS/EOS": ("mode=chat", "needs BOS and EOS tokens")}[case]
+                         "chat without an end-of-sequence token": (
+                             "mode=chat", "template=plain closes every answer with an end-of-sequence token, which the "
+                                          "tokenizer char-")}[case]
     result = subprocess.run([sys.executable, "-m", "gptexp", "sample", f"source={run_dir}", argument,
                              f"hydra.run.dir={tmp_path / 'out'}"], cwd=ROOT, capture_output=True, text=True,
                             timeout=300, env=os.environ | {"PYTHONWARNINGS": "ignore"})

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,3 +72,17 @@ def checkpoint_at_least(path: Path, step: int):
         except (RuntimeError, EOFError, OSError):  # replaced while it was read
             return False
     return reached
+
+
+class GradientDump(L.Callback):
+    """A callback for train.py (+callbacks.grads._target_=training.GradientDump +callbacks.grads.path=<file>): the
+    gradients of the first optimizer step, once accumulated (and all-reduced under DDP), before clipping, written
+    by rank 0."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step == 0 and trainer.is_global_zero:
+            torch.save({name: p.grad.detach().clone() for name, p in pl_module.named_parameters()
+                        if p.grad is not None}, self.path)

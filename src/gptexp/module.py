@@ -1,5 +1,5 @@
-"""The one LightningModule: next-token loss, token-weighted perplexity, the optimizer (gptexp.optim) and its
-warm-up + cosine schedule."""
+"""The one LightningModule: an objective's loss (next-token by default; gptexp.finetune.objectives), token-weighted
+perplexity, the optimizer (gptexp.optim) and its warm-up + cosine schedule."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from gptexp.config import ConfigError
+from gptexp.finetune.objectives import NextToken
 from gptexp.models import LanguageModel
 from gptexp.optim import OptimConfig, build_optimizer, lr_at, unscales_inside
 
@@ -21,7 +22,8 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class LanguageModelModule(L.LightningModule):
-    """Trains any gptexp LanguageModel on (x, y) batches of token ids.
+    """Trains any gptexp LanguageModel on its objective's batches: (x, y) token ids for next-token training,
+    instruction examples or preference pairs (gptexp.finetune.objectives).
 
     A non-finite training loss stops the run at once with a message naming the step (the last good
     checkpoint stays), or with on_nonfinite_loss="skip" the step is skipped (no backward, no update)
@@ -29,13 +31,16 @@ class LanguageModelModule(L.LightningModule):
     """
 
     def __init__(self, model: LanguageModel, optim: OptimConfig, on_nonfinite_loss: str = "stop",
-                 tokenizer: dict | None = None):
+                 tokenizer: dict | None = None, objective=None, template: str | None = None):
         super().__init__()
         if on_nonfinite_loss not in ("stop", "skip"):
             raise ConfigError(f"on_nonfinite_loss must be 'stop' or 'skip', got {on_nonfinite_loss!r}")
         self.model, self.optim, self.on_nonfinite_loss = model, optim, on_nonfinite_loss
         self.tokenizer = tokenizer  # tokenizers.tokenizer_state: kept in checkpoints beside the architecture
+        self.objective = objective or NextToken()
+        self.template = template  # the template instruction data was written in: kept in checkpoints
         self.val_loss = MeanMetric()  # token-weighted mean cross-entropy over the validation split
+        self.val_metrics = torch.nn.ModuleList(MeanMetric() for _ in self.objective.metric_names)
         self.skipped_steps = 0
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -48,6 +53,8 @@ class LanguageModelModule(L.LightningModule):
         lora = getattr(self.model, "peft_config", {}).get("default")
         if lora is not None:
             checkpoint["gptexp_lora"] = {"r": lora.r, "alpha": lora.lora_alpha, "target_modules": sorted(lora.target_modules)}
+        if self.template is not None:
+            checkpoint["gptexp_template"] = self.template
         checkpoint["skipped_steps"] = self.skipped_steps
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -56,15 +63,21 @@ class LanguageModelModule(L.LightningModule):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         return self.model(idx, targets)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
-        _, loss = self.model(*batch)
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor | None:
+        # an objective that normalises by its whole step undoes Lightning's division by the accumulated batches
+        # and DDP's mean over processes
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size
+        step = self.objective.train(self.model, batch, scale)
+        loss = step.loss
         finite = bool(torch.isfinite(loss))
         if self.trainer.world_size > 1:  # every process skips (or stops), or none does
             finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
         if not finite:
             return self.nonfinite_loss(loss)
         if self.logging_step():
-            self.log("train/loss", loss, prog_bar=True, sync_dist=self.trainer.world_size > 1)
+            synced = self.trainer.world_size > 1
+            self.log("train/loss", step.shown, prog_bar=True, sync_dist=synced)
+            self.log_dict({f"train/{name}": value for name, value in step.metrics.items()}, sync_dist=synced)
             self.log_dict({"train/lr": self.lr_schedulers().get_last_lr()[0],
                            "steps": float(self.trainer.global_step + 1)})  # optimizer steps done, this one included
         return loss
@@ -90,17 +103,24 @@ class LanguageModelModule(L.LightningModule):
         if self.trainer.global_step >= self.trainer.max_steps:
             self.trainer.should_stop = True  # Lightning then validates once more: every run ends measured
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        x, y = batch
-        _, loss = self.model(x, y, return_logits=False)  # bounded memory whatever the vocabulary
-        self.val_loss.update(loss, weight=(y != -1).sum())
+    def validation_step(self, batch, batch_idx: int) -> None:
+        loss, weight, metrics = self.objective.validate(self.model, batch)
+        self.val_loss.update(loss, weight=weight)
+        for metric, name in zip(self.val_metrics, self.objective.metric_names):
+            metric.update(metrics[name], weight=weight)
 
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()  # synchronised across processes by torchmetrics
         self.val_loss.reset()
         # the same on every process already; sync_dist=True says so to Lightning, which warns otherwise
         synced = self.trainer.world_size > 1
-        self.log_dict({"val/loss": loss, "val/ppl": loss.exp()}, prog_bar=True, sync_dist=synced)
+        logged = {"val/loss": loss}
+        if self.objective.name != "preference":  # perplexity is a next-token loss's
+            logged["val/ppl"] = loss.exp()
+        for metric, name in zip(self.val_metrics, self.objective.metric_names):
+            logged[f"val/{name}"] = metric.compute()
+            metric.reset()
+        self.log_dict(logged, prog_bar=True, sync_dist=synced)
         self.log("steps", float(self.trainer.global_step), sync_dist=synced)  # optimizer steps done: 0 before training
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:

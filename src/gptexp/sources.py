@@ -40,6 +40,7 @@ class Source:
     model: LanguageModel
     tokenizer: Any
     description: str  # what was loaded, for the log
+    template: str | None = None  # the template an instruction run was trained in (gptexp.finetune.templates)
 
     def place(self, device: str = "auto", precision: str = "fp32") -> str:
         """Move the model to `device` (auto | cpu | cuda) in `precision` (fp32 | bf16, the weights themselves);
@@ -113,7 +114,8 @@ def _from_checkpoint(path: Path) -> Source:
         tokenizer = tokenizer_from_state(state["gptexp_tokenizer"])
     else:
         tokenizer = _run_tokenizer(path)
-    return Source(model.eval(), tokenizer, f"{path} (step {state.get('global_step', '?')})")
+    return Source(model.eval(), tokenizer, f"{path} (step {state.get('global_step', '?')})",
+                  state.get("gptexp_template"))
 
 
 def _with_adapter(model: LanguageModel, weights: dict, lora: dict, path: Path) -> LanguageModel:

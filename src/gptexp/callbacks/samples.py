@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from gptexp.data.tokenizers import prompt_ids
+from gptexp.data.tokenizers import end_of_text_ids, prompt_ids
 from gptexp.models.generation import check_sampling
 from gptexp.writing import writing
 
@@ -19,8 +19,9 @@ class TextSamples(L.Callback):
     """Generate from `prompt` after the optimizer steps in `at_steps` (e.g. 5, 100, 1600) and, with
     `after_validation`, after every validation. Each sample is appended to `<output_dir>/samples.md`
     and to a wandb table `samples` (step, val/loss, text); its time is logged as time/sample_ms.
-    The tokenizer is the data module's. Sampling uses its own seeded generator, so it never moves
-    the training RNG.
+    The tokenizer is the data module's; with instruction data, the prompt is the first validation example's
+    request in its template, and the answer ends at its EOS. Sampling uses its own seeded generator, so it never
+    moves the training RNG.
     """
 
     def __init__(self, output_dir: str, prompt: str = "\n", max_new_tokens: int = 200, temperature: float = 0.8,
@@ -49,9 +50,15 @@ class TextSamples(L.Callback):
         tokenizer, model = trainer.datamodule.tokenizer, pl_module.model
         device = next(model.parameters()).device
         generator = torch.Generator(device=device).manual_seed(self.seed)
-        idx = torch.tensor([prompt_ids(tokenizer, self.prompt)[-model.context_length:]], device=device)
+        request = getattr(trainer.datamodule, "sample_prompt", None)
+        ids = request() if request else prompt_ids(tokenizer, self.prompt)
+        idx = torch.tensor([ids[-model.context_length:]], device=device)
         out = model.generate(idx, self.max_new_tokens, self.temperature, self.top_k, self.top_p, generator=generator)
-        text = tokenizer.decode(out[0].tolist())
+        out = out[0].tolist()
+        if request:  # the answer ends at its EOS
+            ends = [i for i, token in enumerate(out) if i >= len(ids) and token in end_of_text_ids(tokenizer)]
+            out = out[:ends[0]] if ends else out
+        text = tokenizer.decode(out)
         self.write(trainer.global_step, val_loss, text)
         self.rows.append([trainer.global_step, float("nan") if val_loss is None else val_loss, text])
         self.durations_ms.append(1e3 * (time.perf_counter() - start))

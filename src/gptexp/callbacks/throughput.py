@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from gptexp.callbacks.timing import Clock, sampling_ms
+from gptexp.data import batch_inputs
 from gptexp.hardware import kept_peak_flops
 
 HALF_PRECISIONS = ("bf16-mixed", "bf16-true", "16-mixed", "16-true", "bf16", "16")
@@ -46,7 +47,7 @@ class Throughput(L.Callback):
         if self.last is not None:
             start, sampled_then, tokens, samples = self.last
             self.pending.append((start, now, sampled - sampled_then, tokens, samples))
-        x, _ = batch
+        x = batch_inputs(batch)
         self.last = (now, sampled, x.numel(), x.size(0))
 
     def on_validation_start(self, trainer, pl_module) -> None:
@@ -60,7 +61,7 @@ class Throughput(L.Callback):
         samples = sum(p[4] for p in self.pending) * trainer.world_size
         self.pending = []
         tokens_per_sec = 1e3 * tokens / ms
-        seq_len = batch[0].size(1)
+        seq_len = batch_inputs(batch).size(1)
         if seq_len not in self.flops:
             self.flops[seq_len] = training_flops_per_token(pl_module.model, seq_len)
         flops = self.flops[seq_len]

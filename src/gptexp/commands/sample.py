@@ -4,8 +4,9 @@ The text streams to stdout token by token (valid UTF-8 even while a character is
 samples separated by a line of dashes; stderr gets each sample's prompt tokens, new tokens, time to the
 first token and tokens/s. With prompts=<file> every line is a prompt, all decoded as one left-padded batch
 (one batch per prompt length where the longest prompt and max_new_tokens outgrow the context). Every run writes samples.jsonl into its output directory:
-prompt, completion, token counts and what ended each sample. mode=chat talks to a LLaMA-2 chat model: one
-turn a line from stdin, in LLaMA-2's chat template (gptexp.chat), until an empty line or EOF.
+prompt, completion, token counts and what ended each sample. mode=chat talks to a chat model: one turn a line from
+stdin, until an empty line or EOF, in the template the run was trained in (gptexp.finetune.templates), or for other
+sources LLaMA-2's chat template (a LLaMA tokenizer) or plain.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from gptexp.chat import fitting_history
 from gptexp.cli import answered_errors, run_command
 from gptexp.config import CONF_DIR, ConfigError
 from gptexp.data.tokenizers import end_of_text_ids, prompt_ids
+from gptexp.finetune import templates
 from gptexp.models.generation import check_sampling, decode
 from gptexp.sources import PRECISIONS, load_source
 from gptexp.writing import write_atomically
@@ -165,9 +166,9 @@ def sample_batch(model, tokenizer, batch: list[Completion], prompts: list[list[i
           f"{new_tokens / seconds:.1f} tokens/s]", file=sys.stderr, flush=True)
 
 
-def chat(model, tokenizer, cfg: DictConfig, generator: torch.Generator) -> list[dict]:
-    """Turns from stdin, one a line, answered in LLaMA-2's chat template until an empty line or EOF; the
-    oldest exchanges are dropped, with a note, when the history no longer fits the context."""
+def chat(model, tokenizer, template: templates.Template, cfg: DictConfig, generator: torch.Generator) -> list[dict]:
+    """Turns from stdin, one a line, answered in `template` until an empty line or EOF; the oldest exchanges are
+    dropped, with a note, when the history no longer fits the context."""
     room = model.context_length - cfg.max_new_tokens
     if room < 1:
         raise ConfigError(f"max_new_tokens={cfg.max_new_tokens} leaves no room for a message in the model's "
@@ -181,7 +182,7 @@ def chat(model, tokenizer, cfg: DictConfig, generator: torch.Generator) -> list[
             return records
         message = line.rstrip("\n")
         try:
-            kept, ids = fitting_history(tokenizer, history, message, cfg.system, room)
+            kept, ids = templates.fitting_history(template, tokenizer, history, message, cfg.system, room)
         except ValueError as error:
             raise ConfigError(str(error)) from error
         if len(kept) < len(history):
@@ -205,10 +206,13 @@ def sample(cfg: DictConfig) -> list[dict]:
              model.num_parameters() / 1e6, tokenizer.name, tokenizer.vocab_size, cfg.precision, device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     if cfg.mode == "chat":
-        if tokenizer.bos_id is None or getattr(tokenizer, "eos_id", None) is None:
-            raise ConfigError(f"mode=chat uses LLaMA-2's chat template, which needs BOS and EOS tokens; "
-                              f"{source.description}'s tokenizer ({tokenizer.name}) has none")
-        records = chat(model, tokenizer, cfg, generator)
+        template = templates.get(source.template or templates.default_for(tokenizer))
+        try:
+            template.check(tokenizer)
+        except ValueError as error:
+            raise ConfigError(f"mode=chat: {error}") from None
+        log.info("chat in template %s%s", template.name, " (the run's)" if source.template else "")
+        records = chat(model, tokenizer, template, cfg, generator)
         write_records(Path(cfg.output_dir) / "samples.jsonl", records)
         return records
     completions = [[Completion(text, ids) for _ in range(cfg.num_samples)] for text, ids in zip(prompts, encoded)]

@@ -19,12 +19,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, read_write
 
-from gptexp import checkpoints, data, finetune, models, precision
+from gptexp import checkpoints, data, finetune, models, precision, sources
 from gptexp.callbacks.history import RunHistory, carry_over
 from gptexp.callbacks.resume import ResumePoint, ResumeState
 from gptexp.cli import Fault, answered_errors, run_command
 from gptexp.config import CONF_DIR, ConfigError, build_dataclass, plain
 from gptexp.data.tokenizers import tokenizer_state
+from gptexp.finetune import objectives
 from gptexp.module import LanguageModelModule
 from gptexp.optim import OptimConfig
 from gptexp.run_lock import secondary_rank
@@ -96,17 +97,31 @@ def run(cfg: DictConfig) -> float | None:
     if model_tokenizer == "char" and any(cfg.model.get(key) for key in models.WEIGHTS_KEYS):
         raise ConfigError("pretrained weights need the tokenizer they were trained with, not characters; "
                           "use data=shakespeare rather than data=shakespeare_char, and leave model.tokenizer alone")
-    source = data.load(cfg.data, model_tokenizer)
-    model = models.build(cfg.model, vocab_size=source.tokenizer.vocab_size)
-    log.info("model: %s, %.2fM parameters; tokenizer %s (%d tokens)", cfg.model.arch, model.num_parameters() / 1e6,
-             source.tokenizer.name, source.tokenizer.vocab_size)
+    start = starting_run(cfg)  # finetune.init_from: an earlier run's model, tokenizer and template
+    source = data.load(cfg.data, model_tokenizer, template=start.template if start else None)
+    if start is not None:
+        model = start.model.train()
+        if tokenizer_state(start.tokenizer) != tokenizer_state(source.tokenizer):
+            raise ConfigError(f"finetune.init_from={cfg.finetune.init_from} was trained with the tokenizer "
+                              f"{start.tokenizer.name}, the data is tokenized with {source.tokenizer.name}; set "
+                              f"model=<that run's model> (model.tokenizer) to match")
+    else:
+        model = models.build(cfg.model, vocab_size=source.tokenizer.vocab_size)
+    log.info("model: %s, %.2fM parameters; tokenizer %s (%d tokens)", type(model).__name__,
+             model.num_parameters() / 1e6, source.tokenizer.name, source.tokenizer.vocab_size)
     model = finetune.apply(model, cfg.finetune)
+    objective = objectives.build(build_dataclass(finetune.FinetuneConfig, cfg.finetune, "finetune"), model,
+                                 source.kind)
+    if source.kind != "windows":
+        log.info("objective: %s, on %s data in template %s", objective.name, source.config.format if
+                 source.config.format != "auto" else source.tokens.kind, source.template)
     datamodule = data.build(source, model.context_length, seed=cfg.seed)
     datamodule.prepare_data()
     datamodule.setup("fit")  # data errors (too short for a window, bad shards) before any output is written
     optim = optimizer_config(cfg)
     log.info("optimizer: %s", "Muon for the hidden matrices, AdamW for the rest" if optim.name == "muon" else "AdamW")
-    module = LanguageModelModule(model, optim, cfg.on_nonfinite_loss, tokenizer_state(source.tokenizer))
+    module = LanguageModelModule(model, optim, cfg.on_nonfinite_loss, tokenizer_state(source.tokenizer),
+                                 objective=objective, template=source.template)
     if ckpt_path:
         checkpoints.check_compatible(resumed.get("state_dict", {}), module.state_dict(), ckpt_path)
     if not secondary_rank():  # rank 0 writes the history, and holds the directory's lock
@@ -134,6 +149,16 @@ def run(cfg: DictConfig) -> float | None:
     if best is None:
         best = trainer.callback_metrics.get("val/loss")
     return None if best is None else float(best)
+
+
+def starting_run(cfg: DictConfig):
+    """The run finetune.init_from names (its best checkpoint; a LoRA adapter merged in), or None."""
+    init_from = cfg.finetune.get("init_from")
+    if not init_from:
+        return None
+    start = sources.load_source(str(init_from), "best", cfg.trust_checkpoint)
+    log.info("starting from %s", start.description)
+    return start
 
 
 def optimizer_config(cfg: DictConfig) -> OptimConfig:

@@ -14,7 +14,8 @@ from gptexp.data.hf import HFTokens
 from gptexp.data.tokenizers import CharTokenizer, gpt2_tokenizer, load_tokenizer
 
 # data.loader (or data.name) in conf/data/*.yaml -> function(val_fraction, source[, path]) -> {"train": [documents],
-# "val": [documents]}; data.loader=hf reads any Hugging Face dataset instead (gptexp.data.hf)
+# "val": [documents]}; data.loader=hf reads any Hugging Face dataset instead (gptexp.data.hf), data.loader=instruct
+# instruction, chat and preference records (gptexp.data.instruct)
 DATASETS: dict[str, Callable[..., dict[str, list[str]]]] = {
     "shakespeare": shakespeare.load_splits,
     "tinystories": tinystories.load_splits,
@@ -28,16 +29,38 @@ __all__ = ["DATASETS", "DataConfig", "DataSource", "HFTokens", "TokenDataModule"
 @dataclass
 class DataSource:
     config: DataConfig
-    splits: dict[str, list[str]] | None  # documents per split; None when shards give the tokens
+    splits: dict[str, list[str]] | None  # documents per split; None when shards or records give the tokens
     tokenizer: Any
-    tokens: Any  # DocumentTokens, LlmcShards or HFTokens: prepare() makes the token files, load() maps them
+    tokens: Any  # DocumentTokens, LlmcShards, HFTokens or InstructExamples: prepare() makes the token files
+
+    @property
+    def kind(self) -> str:
+        """windows (a corpus), examples (instruction data) or pairs (preference data)."""
+        if self.config.loader != "instruct":
+            return "windows"
+        return "pairs" if self.tokens.pairs else "examples"
+
+    @property
+    def template(self) -> str | None:
+        """The template instruction data is written in (None for a corpus)."""
+        return self.tokens.template.name if self.config.loader == "instruct" else None
 
 
-def load(cfg: Mapping[str, Any], model_tokenizer: str | None) -> DataSource:
+def load(cfg: Mapping[str, Any], model_tokenizer: str | None, template: str | None = None) -> DataSource:
     """The dataset a conf/data/*.yaml names, with the tokenizer to use: the model's (`model_tokenizer`:
-    gpt2, a SentencePiece file, or char), or the characters of the text when data.tokenizer=char."""
+    gpt2, a SentencePiece file, or char), or the characters of the text when data.tokenizer=char. `template`:
+    the one instruction data is written in when a run already has one (data.template otherwise)."""
     config = build_dataclass(DataConfig, cfg, "data")
     loader_name = config.loader or config.name
+    if loader_name == "instruct":
+        from gptexp.data.instruct import InstructExamples
+
+        examples = InstructExamples(config, template)
+        if config.tokenizer == "char" or model_tokenizer == "char":
+            tokenizer = CharTokenizer.from_text(examples.vocabulary_text())
+        else:
+            tokenizer = _model_tokenizer(model_tokenizer)
+        return DataSource(config, None, tokenizer, examples.use(tokenizer))
     if config.shards or loader_name == "hf":
         if config.tokenizer == "char" or model_tokenizer == "char":
             what = "data.shards holds llm.c's GPT-2 tokens" if config.shards else \
@@ -65,6 +88,11 @@ def load(cfg: Mapping[str, Any], model_tokenizer: str | None) -> DataSource:
     return DataSource(config, splits, tokenizer, DocumentTokens(config, splits, tokenizer))
 
 
+def batch_inputs(batch):
+    """The (B, T) input ids of any training batch: (x, y) windows, or an instruction or preference batch's dict."""
+    return batch["x"] if isinstance(batch, dict) else batch[0]
+
+
 def _model_tokenizer(spec: str):
     try:
         return load_tokenizer(spec)
@@ -72,10 +100,15 @@ def _model_tokenizer(spec: str):
         raise ConfigError(f"model.tokenizer: {error}") from error
 
 
-def build(source: DataSource, context_length: int, seed: int = 0) -> TokenDataModule:
-    """The data module for a model with this context: windows of data.seq_len tokens (null: the whole context)."""
+def build(source: DataSource, context_length: int, seed: int = 0):
+    """The data module for a model with this context: windows of data.seq_len tokens (null: the whole context), or
+    batches of whole examples of at most that many."""
     seq_len = source.config.seq_len or context_length
     if seq_len > context_length:
         raise ConfigError(f"data.seq_len={seq_len} is longer than the model's context ({context_length}); "
                           f"set data.seq_len<={context_length}")
+    if source.kind != "windows":
+        from gptexp.data.example_batches import ExampleDataModule
+
+        return ExampleDataModule(source.config, source.tokens, seq_len, seed=seed)
     return TokenDataModule(source.config, source.tokens, source.tokenizer, seq_len, seed=seed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -41,6 +42,15 @@ class DataConfig:
     val_files: str | None = None
     num_proc: int | None = None  # tokenizing processes; null: every core
     shard_tokens: int = 100_000_000
+    # data=instruct (gptexp.data.instruct): records (data.files, data.path or data.builder) in a template
+    format: str = "auto"  # auto | alpaca | completion | messages | sharegpt | preference
+    columns: Any = None  # renames of the records' fields, {theirs: ours}, e.g. {question: instruction, answer: output}
+    builder: str | None = None  # records built from the bundled TinyStories: story_words | story_word_pairs
+    template: str | None = None  # llama2_chat | alpaca | plain; null: llama2_chat for a LLaMA tokenizer, else plain
+    system: str | None = None  # a system prompt for conversations without one
+    train_on_prompt: bool = False  # also train the prompts' tokens, not only the answers'
+    packing: bool = False  # several examples a window, each attending only to itself (else one a row, padded)
+    group_by_length: bool = False  # batch examples of similar lengths together (less padding)
 
     def __post_init__(self):
         for field in fields(self):
@@ -57,6 +67,9 @@ class DataConfig:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if self.sampling not in ("random", "epoch"):
             raise ValueError(f"sampling must be 'random' or 'epoch', got {self.sampling!r}")
+        if self.columns is not None and not (isinstance(self.columns, dict)
+                                             and all(isinstance(v, str) for v in self.columns.values())):
+            raise ValueError(f"columns must map field names to field names, {{theirs: ours}}, got {self.columns!r}")
 
 
 def fingerprint(splits: dict[str, list[str]]) -> str:

@@ -52,10 +52,14 @@ def gpt2_tokenizer() -> BPETokenizer:
     return BPETokenizer(encoding)
 
 
-class CharTokenizer:
-    """One token per character of a fixed alphabet (nanoGPT's shakespeare_char)."""
+CHAR_END = "\x03"  # ends an answer in a character vocabulary that holds it (instruction data: ASCII end-of-text)
 
-    bos_id = eot_id = None
+
+class CharTokenizer:
+    """One token per character of a fixed alphabet (nanoGPT's shakespeare_char); CHAR_END, where the alphabet
+    holds it, is its end-of-text token."""
+
+    bos_id = None
 
     def __init__(self, chars: str):
         if len(set(chars)) != len(chars) or not chars:
@@ -64,6 +68,7 @@ class CharTokenizer:
         self.vocab_size = len(chars)
         self.name = "char-" + hashlib.sha1(chars.encode()).hexdigest()[:10]
         self._index = {c: i for i, c in enumerate(chars)}
+        self.eot_id = self._index.get(CHAR_END)
 
     @classmethod
     def from_text(cls, text: str) -> CharTokenizer:

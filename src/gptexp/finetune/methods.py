@@ -1,4 +1,4 @@
-"""Finetuning methods: `full` (every parameter trains) and `lora` through peft (base weights frozen,
+"""Finetuning methods, what trains: `full` (every parameter) and `lora` through peft (base weights frozen,
 only the low-rank adapters train), optionally on a 4-bit quantized base (QLoRA, CUDA + bitsandbytes).
 
 Adapters are saved in peft's format (adapter_config.json + adapter_model.safetensors); since
@@ -33,6 +33,11 @@ class FinetuneConfig:
     target_modules: tuple[str, ...] | None = None  # module names that get adapters; null: the model's default
     quantize: str | None = None  # 4bit: QLoRA (the frozen base in NF4; CUDA with bitsandbytes only)
     save_merged: bool = False  # also write the base with the adapter merged in, as a plain checkpoint
+    # the objective (gptexp.finetune.objectives): what the loss is
+    objective: str = "auto"  # auto (what the data holds) | next_token | instruction | preference
+    beta: float = 0.1  # preference: the scale of the implicit reward, as TRL's DPO
+    label_smoothing: float = 0.0  # preference: the assumed share of flipped labels (cDPO)
+    init_from: str | None = None  # start from this run's weights (its best checkpoint, a LoRA adapter merged in)
 
     def __post_init__(self):
         if self.method not in ("full", "lora"):
@@ -44,6 +49,13 @@ class FinetuneConfig:
             raise ValueError(f"quantize must be null or 4bit, got {self.quantize!r}")
         if self.quantize and self.method != "lora":
             raise ValueError("quantize=4bit trains LoRA adapters on a frozen quantized base: use finetune=lora")
+        from gptexp.finetune.objectives import OBJECTIVES
+
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.beta <= 0 or not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"need beta > 0 and label_smoothing in [0, 0.5); got beta={self.beta}, "
+                             f"label_smoothing={self.label_smoothing}")
 
 
 def apply(model: LanguageModel, cfg: Mapping[str, Any]) -> nn.Module:

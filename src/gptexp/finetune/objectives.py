@@ -1,0 +1,140 @@
+"""Finetuning objectives: what the loss of a batch is (gptexp.finetune.methods says which weights it trains).
+
+- next_token: the micro-batch's mean cross-entropy over every target (pretraining; continuing a corpus);
+- instruction: cross-entropy over the answers' tokens only (instruction and chat data, gptexp.data.instruct),
+  summed and divided by the answer tokens of the whole optimizer step, across its micro-batches and processes:
+  a step's gradient is then the same whether it is one batch of 8, 4 accumulated batches of 2 or 2 processes x 4,
+  however long each answer is;
+- preference: DPO (Rafailov et al., 2023) on (chosen, rejected) answers to one prompt: with log-probabilities
+  summed over each answer's tokens, policy π and reference π_ref (the base with its adapters disabled, or a frozen
+  copy of the starting weights), the reward of an answer is β (log π - log π_ref) and a pair's loss is
+  -(1 - ε) log σ(r_chosen - r_rejected) - ε log σ(r_rejected - r_chosen) (ε: label_smoothing, cDPO's noisy labels),
+  summed over the step's pairs and divided by their number.
+
+Each objective returns what backward needs. Lightning divides it by the accumulated batches and DDP averages the
+processes' gradients: `scale` (accumulated batches x processes) undoes both for the step-normalised objectives.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gptexp.config import ConfigError
+
+
+@dataclass
+class StepLoss:
+    loss: torch.Tensor  # what backward sees
+    shown: torch.Tensor  # train/loss: this micro-batch's own mean
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class NextToken:
+    """Every target counts, averaged over the micro-batch's targets; batches are (x, y)."""
+
+    name = "next_token"
+    metric_names: tuple[str, ...] = ()
+
+    def train(self, model: nn.Module, batch, scale: float) -> StepLoss:
+        x, y = batch
+        _, loss = model(x, y)
+        return StepLoss(loss, loss)
+
+    def validate(self, model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(mean loss, its weight, metrics) of a validation batch."""
+        x, y = batch
+        _, loss = model(x, y, return_logits=False)  # bounded memory whatever the vocabulary
+        return loss, (y != -1).sum(), {}
+
+
+class Instruction(NextToken):
+    """The answers' tokens only (the batch's targets), normalised by the optimizer step's answer tokens."""
+
+    name = "instruction"
+
+    def train(self, model: nn.Module, batch: dict, scale: float) -> StepLoss:
+        y = batch["y"]
+        _, mean = model(batch["x"], y, documents=batch.get("documents"))
+        summed = mean * (y != -1).sum()
+        return StepLoss(summed * scale / batch["step_tokens"], mean)
+
+    def validate(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        y = batch["y"]
+        _, loss = model(batch["x"], y, return_logits=False, documents=batch.get("documents"))
+        return loss, (y != -1).sum(), {}
+
+
+class Preference:
+    """DPO on batches whose first half of rows are the chosen answers and second half the rejected ones."""
+
+    name = "preference"
+    metric_names = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
+
+    def __init__(self, beta: float, label_smoothing: float, reference: nn.Module | None = None):
+        self.beta, self.label_smoothing = beta, label_smoothing
+        self.reference = reference  # None: the policy itself with its adapters disabled (LoRA)
+
+    @staticmethod
+    def logps(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(rows,) log-probability of each row's targets (its answer), summed over them."""
+        logits, _ = model(x)
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, y.clamp(min=0)[..., None]).squeeze(-1)
+        return (logp * (y != -1)).sum(-1)
+
+    @torch.no_grad()
+    def reference_logps(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.reference is None:
+            with model.disable_adapter():
+                return self.logps(model, x, y)
+        self.reference.to(x.device)
+        return self.logps(self.reference, x, y)
+
+    def losses(self, policy: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Each pair's loss and rewards from (2P,) log-probabilities, chosen first."""
+        chosen, rejected = (self.beta * (p - r) for p, r in zip(policy.chunk(2), reference.chunk(2)))
+        margin = chosen - rejected
+        losses = -(1 - self.label_smoothing) * F.logsigmoid(margin) - self.label_smoothing * F.logsigmoid(-margin)
+        metrics = {"rewards/chosen": chosen, "rewards/rejected": rejected,
+                   "rewards/accuracies": (chosen > rejected).float(), "rewards/margins": margin}
+        return losses, {k: v.detach() for k, v in metrics.items()}
+
+    def train(self, model: nn.Module, batch: dict, scale: float) -> StepLoss:
+        x, y = batch["x"], batch["y"]
+        losses, metrics = self.losses(self.logps(model, x, y), self.reference_logps(model, x, y))
+        return StepLoss(losses.sum() * scale / batch["step_pairs"], losses.mean(),
+                        {k: v.mean() for k, v in metrics.items()})
+
+    def validate(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        x, y = batch["x"], batch["y"]
+        losses, metrics = self.losses(self.logps(model, x, y), self.reference_logps(model, x, y))
+        return losses.mean(), torch.tensor(len(losses)), {k: v.mean() for k, v in metrics.items()}
+
+
+OBJECTIVES = ("auto", "next_token", "instruction", "preference")
+
+
+def build(config, model: nn.Module, data_kind: str):
+    """The objective finetune.objective names (auto: what the data holds), for `data_kind` (windows | examples |
+    pairs: gptexp.data). A preference's reference is the model with its adapters disabled (LoRA), else a frozen
+    copy of it as it is now, the starting weights."""
+    wanted = config.objective if config.objective != "auto" else {"windows": "next_token", "examples": "instruction",
+                                                                   "pairs": "preference"}[data_kind]
+    fits = {"next_token": "windows", "instruction": "examples", "preference": "pairs"}[wanted]
+    if fits != data_kind:
+        what = {"windows": "token windows of a corpus", "examples": "instruction examples (no pairs)",
+                "pairs": "preference pairs"}[data_kind]
+        need = {"next_token": "a text corpus (data=shakespeare, ...)", "instruction": "instruction data "
+                "(data=instruct, data=alpaca_cleaned, ...)", "preference": "preference pairs: (prompt, chosen, "
+                "rejected) records (data=ultrafeedback, data=stories_preferences, ...)"}[wanted]
+        raise ConfigError(f"finetune.objective={wanted} needs {need}, but the data holds {what}")
+    if wanted == "next_token":
+        return NextToken()
+    if wanted == "instruction":
+        return Instruction()
+    reference = None if hasattr(model, "disable_adapter") else copy.deepcopy(model).eval().requires_grad_(False)
+    return Preference(config.beta, config.label_smoothing, reference)

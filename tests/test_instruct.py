@@ -1,0 +1,247 @@
+"""data=instruct: every record format and source (presets included, offline on local files of their schema), the
+answers as the only targets, truncation that keeps the EOS, packing, and the loss of a whole optimizer step
+divided by its answer tokens however the step is split (batch 8, 2 x 4 accumulated, 2 processes x 4)."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from training import ROOT
+
+from gptexp import data
+from gptexp.config import asset_path
+from gptexp.data.example_batches import ExampleDataModule, ExampleRows
+from gptexp.models import Llama
+
+STORIES = asset_path("stories260K/stories260K.bin")
+SP = asset_path("stories260K/tok512.model")
+ANSWERS = ["Yes.", "The cat sat on the mat and then it slept for a long time in the sun.", "No, it did not.",
+           "Tom and Lily went to the park. They played on the swings until the sun went down.", "It is red.",
+           "A big dog ran to the ball.", "Mom made a cake for Tom. He was very happy and ate it all up.", "Blue."]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def alpaca_rows(n: int = 16) -> list[dict]:
+    return [{"instruction": f"Question {i}: tell me something.", "input": "about a cat" if i % 3 == 0 else "",
+             "output": ANSWERS[i % len(ANSWERS)]} for i in range(n)]
+
+
+def load(tmp_path, **overrides) -> data.DataSource:
+    config = {"name": "test", "loader": "instruct", "cache_dir": str(tmp_path / "cache"), "val_fraction": 0.25,
+              "batch_size": 4} | overrides
+    return data.load(config, SP)
+
+
+def example_text(source, split: str, i: int) -> tuple[str, str]:
+    """(whole text, trained text) of example i."""
+    examples = source.tokens.load()[split]
+    ids, trained = examples.example(i)
+    tok = source.tokenizer
+    return tok.decode(list(ids)), tok.decode([t for t, m in zip(ids, trained) if m])
+
+
+@pytest.mark.parametrize("fmt", ["alpaca", "completion", "messages", "sharegpt"])
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet"])
+def test_every_record_format_from_every_kind_of_file(fmt, suffix, tmp_path):
+    answer = "Once upon a time there was a dog."
+    row = {"alpaca": {"instruction": "Write a story.", "output": answer},
+           "completion": {"prompt": "Write a story.", "completion": answer},
+           "messages": {"messages": [{"role": "system", "content": "Be brief."},
+                                     {"role": "user", "content": "Write a story."},
+                                     {"role": "assistant", "content": answer}]},
+           "sharegpt": {"conversations": [{"from": "system", "value": "Be brief."},
+                                          {"from": "human", "value": "Write a story."},
+                                          {"from": "gpt", "value": answer}]}}[fmt]
+    rows = [row] * 4
+    path = tmp_path / f"records{suffix}"
+    if suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    elif suffix == ".json":
+        path.write_text(json.dumps(rows))
+    else:
+        write_jsonl(path, rows)
+    source = load(tmp_path, files=str(path))
+    assert source.kind == "examples" and source.tokens.kind == fmt and source.template == "llama2_chat"
+    whole, trained = example_text(source, "train", 0)
+    assert trained.strip() == answer  # the answer, then EOS (which decodes to nothing)
+    assert "[INST]" in whole and ("<<SYS>>\nBe brief." in whole) == (fmt in ("messages", "sharegpt"))
+
+
+def test_presets_read_local_files_of_their_hubs_schemas(tmp_path):
+    """alpaca_cleaned (instruction, input, output), dolly (instruction, context, response: the context is the input)
+    and ultrafeedback (prompt, chosen and rejected conversations, test_prefs to validate), offline."""
+    from hydra import compose, initialize_config_dir
+
+    from gptexp.config import CONF_DIR
+
+    dolly = [{"instruction": f"Summarise {i}.", "context": "Cats sleep a lot." if i % 2 else "",
+              "response": "They sleep.", "category": "summarization"} for i in range(8)]
+    prefs = [{"prompt": f"Say hi {i}.", "prompt_id": str(i), "score_chosen": 8.0, "score_rejected": 2.0,
+              "chosen": [{"role": "user", "content": f"Say hi {i}."}, {"role": "assistant", "content": "Hi!"}],
+              "rejected": [{"role": "user", "content": f"Say hi {i}."}, {"role": "assistant", "content": "Go away."}],
+              "messages": []} for i in range(6)]
+    files = {"alpaca_cleaned": [write_jsonl(tmp_path / "alpaca.jsonl", alpaca_rows())],
+             "dolly": [write_jsonl(tmp_path / "dolly.jsonl", dolly)],
+             "ultrafeedback": [write_jsonl(tmp_path / "train_prefs.jsonl", prefs),
+                               write_jsonl(tmp_path / "test_prefs.jsonl", prefs[:2])]}
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        for preset, paths in files.items():
+            overrides = [f"data={preset}", "data.path=null", f"data.files={paths[0]}",
+                         f"data.cache_dir={tmp_path / 'cache'}"] + [f"data.val_files={p}" for p in paths[1:]]
+            cfg = compose("train", overrides=overrides)
+            source = data.load(cfg.data, SP)
+            if preset == "ultrafeedback":
+                assert source.kind == "pairs"
+                examples = source.tokens.load()
+                assert len(examples["train"]) == 2 * 6 and len(examples["val"]) == 2 * 2  # chosen, then rejected
+                chosen = source.tokenizer.decode([t for t, m in zip(*examples["train"].example(0)) if m])
+                rejected = source.tokenizer.decode([t for t, m in zip(*examples["train"].example(6)) if m])
+                assert (chosen.strip(), rejected.strip()) == ("Hi!", "Go away.")
+            else:
+                whole, trained = example_text(source, "train", 0)
+                assert trained.strip() == ("They sleep." if preset == "dolly" else ANSWERS[1])
+            if preset == "dolly":
+                whole, _ = example_text(source, "train", 0)
+                assert "Summarise 1.\n\nCats sleep a lot." in whole  # the context, as the input
+
+
+def test_columns_rename_fields_and_the_validation_split_is_held_out_or_its_own(tmp_path):
+    rows = [{"question": f"Q{i}?", "answer": f"A{i}."} for i in range(20)]
+    path = write_jsonl(tmp_path / "qa.jsonl", rows)
+    held = load(tmp_path, files=str(path), columns={"question": "prompt", "answer": "completion"})
+    assert held.tokens.kind == "completion"
+    val = [c.exchanges[0].user for c in held.tokens.parsed["val"]]
+    assert val == [f"Q{i}?" for i in range(0, 20, 4)]  # every 4th record, counting from the first (val_fraction 0.25)
+    own = load(tmp_path, files=str(path), val_files=str(write_jsonl(tmp_path / "v.jsonl", rows[:3])),
+               columns={"question": "prompt", "answer": "completion"})
+    assert len(own.tokens.parsed["train"]) == 20 and len(own.tokens.parsed["val"]) == 3
+
+
+def test_examples_are_tokenized_once_per_records_tokenizer_and_template(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", alpaca_rows())
+    first = load(tmp_path, files=str(path))
+    first.tokens.prepare()
+    stamp = (first.tokens.directory / "meta.json").stat().st_mtime_ns
+    again = load(tmp_path, files=str(path))
+    again.tokens.prepare()
+    assert again.tokens.directory == first.tokens.directory
+    assert (again.tokens.directory / "meta.json").stat().st_mtime_ns == stamp  # not tokenized again
+    assert load(tmp_path, files=str(path), template="alpaca").tokens.directory != first.tokens.directory
+    write_jsonl(path, alpaca_rows(17))
+    assert load(tmp_path, files=str(path)).tokens.directory != first.tokens.directory
+
+
+def datamodule(tmp_path, rows, seq_len=64, **overrides) -> ExampleDataModule:
+    tmp_path.mkdir(exist_ok=True)
+    source = load(tmp_path, files=str(write_jsonl(tmp_path / "d.jsonl", rows)), seq_len=seq_len, **overrides)
+    module = data.build(source, 512)
+    module.setup()
+    return module
+
+
+def test_only_answers_train_unless_the_prompt_should_and_eos_always_does(tmp_path):
+    module = datamodule(tmp_path, alpaca_rows())
+    inputs, targets = module.splits["train"]
+    eos = module.tokenizer.eos_id
+    for x, y in zip(inputs, targets):
+        trained = y[y >= 0]
+        assert trained[-1] == eos and len(trained) < len(y)  # the answer ends with EOS; the prompt is not trained
+    prompt_too = datamodule(tmp_path / "p", alpaca_rows(), train_on_prompt=True)
+    for x, y in zip(*prompt_too.splits["train"]):
+        assert (y >= 0).all()  # every token after the first
+
+
+def test_long_examples_keep_their_eos_and_prompts_that_fill_the_window_are_dropped(tmp_path, caplog):
+    rows = alpaca_rows(8) + [{"instruction": "Tell me everything. " * 40, "output": "Fine."}] * 4
+    with caplog.at_level(logging.WARNING):
+        module = datamodule(tmp_path, rows, seq_len=40)
+    inputs, targets = module.splits["train"]
+    examples = module.source.load()["train"]
+    prompts = [int(np.argmax(examples.example(i)[1])) for i in range(len(examples))]
+    assert [x is None for x in inputs] == [p >= 40 for p in prompts]  # dropped: the prompt fills the window
+    assert f"train: {sum(p >= 40 for p in prompts)} examples whose prompt alone fills the 40-token window " \
+           f"dropped" in caplog.text
+    lengths = [len(examples.example(i)[0]) for i in range(len(examples))]
+    cut = [i for i, x in enumerate(inputs) if x is not None and lengths[i] > 41]
+    assert cut and all(len(inputs[i]) == 40 and targets[i][-1] == module.tokenizer.eos_id for i in cut)  # EOS kept
+    assert 3 <= sum(x is None for x in inputs) < len(inputs)
+
+
+def test_a_packed_batch_gives_each_example_its_loss_alone(tmp_path, caplog):
+    with caplog.at_level(logging.INFO):
+        module = datamodule(tmp_path, alpaca_rows(24), seq_len=256, packing=True)
+    assert "training batches: packed," in caplog.text and "% of positions are padding" in caplog.text
+    sampler = module.sampler(num_batches=1)
+    rows = sampler.global_batch(0)
+    assert max(map(len, rows)) > 1  # examples share rows
+    inputs, targets = module.splits["train"]
+    batch = ExampleRows(inputs, targets, width=256)[{"rows": rows}]
+    model = Llama.from_pretrained(STORIES).float().eval()
+    with torch.no_grad():
+        logits, _ = model(batch["x"], documents=batch["documents"])
+        packed = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["y"].flatten(), ignore_index=-1,
+                                                   reduction="none").view_as(batch["y"])
+        for r, row in enumerate(rows):
+            at = 0
+            for i in row:
+                n = len(inputs[i])
+                alone_logits, _ = model(torch.from_numpy(inputs[i])[None])
+                alone = torch.nn.functional.cross_entropy(alone_logits[0], torch.from_numpy(targets[i]),
+                                                          ignore_index=-1, reduction="sum")
+                assert packed[r, at:at + n].sum().item() == pytest.approx(alone.item(), rel=1e-5)
+                at += n
+
+
+def test_a_steps_gradient_is_the_same_however_the_step_is_split(tmp_path):
+    """Answers of unequal lengths; one optimizer step of batch 8, of 2 x 4 accumulated, and of 2 processes x 4
+    (DDP, gloo): the same gradients (1e-6 of the largest), and those of the summed loss over the step's 8 examples
+    divided by their answer tokens, computed here one example at a time (1e-5: float32 sums in another order)."""
+    rows = [{"instruction": f"Question {i}?", "output": ANSWERS[i % len(ANSWERS)] * (1 + i % 3)} for i in range(40)]
+    path = write_jsonl(tmp_path / "qa.jsonl", rows)
+    common = ["model=llama2_260k", "finetune=full", "data=instruct", f"data.files={path}", "data.seq_len=96",
+              "data.val_fraction=0.1", f"data.cache_dir={tmp_path / 'cache'}", "trainer.max_steps=1",
+              "trainer.precision=32-true", "trainer.accelerator=cpu", "validate_first=false", "logger=none",
+              "callbacks=none", "+callbacks.grads._target_=training.GradientDump"]
+    splits = {"batch 8": ["data.batch_size=8"], "2 x 4 accumulated": ["data.batch_size=2",
+                                                                      "trainer.accumulate_grad_batches=4"],
+              "2 processes x 4": ["data.batch_size=4", "trainer.strategy=ddp", "trainer.devices=2"]}
+    env = os.environ | {"PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT / "tests")}
+    grads = {}
+    for name, overrides in splits.items():
+        dump = tmp_path / f"{name.replace(' ', '_')}.pt"
+        result = subprocess.run([sys.executable, "train.py", *common, *overrides, f"+callbacks.grads.path={dump}",
+                                 f"hydra.run.dir={tmp_path / name.replace(' ', '_')}"], cwd=ROOT, capture_output=True,
+                                text=True, timeout=600, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        grads[name] = torch.load(dump)
+
+    source = load(tmp_path, files=str(path), seq_len=96, val_fraction=0.1, batch_size=8)
+    module = data.build(source, 512, seed=1337)
+    module.setup()
+    inputs, targets = module.splits["train"]
+    step = module.sampler(num_batches=1).global_batch(0)
+    assert len({len(targets[i]) for row in step for i in row}) > 2  # answers of unequal lengths
+    model = Llama.from_pretrained(STORIES)
+    total = sum(torch.nn.functional.cross_entropy(model(torch.from_numpy(inputs[i])[None])[0][0],
+                                                  torch.from_numpy(targets[i]), ignore_index=-1, reduction="sum")
+                for row in step for i in row)
+    (total / sum(int((targets[i] >= 0).sum()) for row in step for i in row)).backward()
+    direct = {"model." + n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    for name, got in grads.items():
+        assert got.keys() == direct.keys(), name
+        for key, grad in direct.items():
+            assert (got[key] - grads["batch 8"][key]).abs().max() <= 1e-6 * grad.abs().max(), (name, key)
+            assert (got[key] - grad).abs().max() <= 1e-5 * grad.abs().max(), (name, key)

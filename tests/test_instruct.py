@@ -245,3 +245,146 @@ def test_a_steps_gradient_is_the_same_however_the_step_is_split(tmp_path):
         for key, grad in direct.items():
             assert (got[key] - grads["batch 8"][key]).abs().max() <= 1e-6 * grad.abs().max(), (name, key)
             assert (got[key] - grad).abs().max() <= 1e-5 * grad.abs().max(), (name, key)
+
+
+def bad_files(tmp_path: Path) -> dict[str, Path]:
+    rows = alpaca_rows(8)
+    rows[2] = {"instruction": "Say yes."}
+    pairs = [{"prompt": f"Q{i}?", "chosen": "Yes.", "rejected": "No."} for i in range(8)]
+    pairs[1]["rejected"] = "Yes."
+    return {"missing": write_jsonl(tmp_path / "missing.jsonl", rows),
+            "same": write_jsonl(tmp_path / "same.jsonl", pairs),
+            "good": write_jsonl(tmp_path / "good.jsonl", alpaca_rows(8))}
+
+
+# (overrides, what the one line must say); {missing}, {same}, {good}: files bad_files writes
+BAD_INPUT = {
+    "a record without its format's fields": (["data.files={missing}"],
+                                             ["missing.jsonl, line 3: no field 'output', which alpaca records need"]),
+    "a preference whose chosen is its rejected": (["finetune=dpo", "data.files={same}"],
+                                                  ["same.jsonl, line 2: chosen and rejected are the same answer"]),
+    "nothing left after filtering": (["data.files={good}", "data.seq_len=8"],
+                                     ["good.jsonl: no train example is left once the", "fills the 8-token window",
+                                      "raise data.seq_len"]),
+    "a template the tokenizer cannot serve": (["model=gpt2_mini", "data.files={good}", "data.template=llama2_chat"],
+                                              ["template=llama2_chat starts every exchange with BOS, which the "
+                                               "tokenizer char-"]),
+    "dpo on data without pairs": (["finetune=dpo", "data.files={good}"],
+                                  ["finetune.objective=preference needs preference pairs", "the data holds "
+                                                                                           "instruction examples"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUT)
+def test_bad_instruction_data_is_refused_in_one_line(case, tmp_path, monkeypatch, capfd):
+    from test_bad_input import in_process, one_line_error
+
+    files = bad_files(tmp_path)
+    overrides, messages = BAD_INPUT[case]
+    arguments = ["model=llama2_260k", "data=instruct", f"data.cache_dir={tmp_path / 'cache'}", "logger=csv",
+                 *(o.format(**files) for o in overrides), f"hydra.run.dir={tmp_path / 'run'}"]
+    status, stderr = in_process("train.py", arguments, monkeypatch, capfd)
+    assert status == 2
+    one_line_error(stderr, messages)
+    assert not (tmp_path / "run").exists()
+
+
+def test_llama2_lora_on_alpaca_composes_and_runs_on_a_tiny_llama(tmp_path):
+    """python train.py model=llama2 finetune=lora data=alpaca_cleaned composes for LLaMA-2 7B; the same command on a
+    tiny HF LLaMA (LLaMA-2's layout, stories260K's tokenizer) and local Alpaca records trains, and its adapter loads
+    into transformers with peft to the same logits."""
+    import shutil
+
+    import peft
+    import transformers
+    from hydra import compose, initialize_config_dir
+
+    from gptexp.config import CONF_DIR
+    from gptexp.sources import load_source
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["model=llama2", "finetune=lora", "data=alpaca_cleaned",
+                                          "finetune.quantize=4bit"])
+    assert (cfg.model.dim, cfg.model.n_layers, cfg.finetune.method, cfg.data.template) == (4096, 32, "lora", "alpaca")
+    assert cfg.data.path == "yahma/alpaca-cleaned" and cfg.finetune.quantize == "4bit"  # QLoRA: on CUDA
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    base = tmp_path / "tiny-llama"
+    transformers.LlamaForCausalLM(config).save_pretrained(base)
+    shutil.copyfile(SP, base / "tokenizer.model")
+    records = write_jsonl(tmp_path / "alpaca.jsonl", alpaca_rows(24))
+    result = subprocess.run([sys.executable, "train.py", "model=llama2", f"model.checkpoint={base}", "finetune=lora",
+                             "data=alpaca_cleaned", "data.path=null", f"data.files={records}", "data.batch_size=4",
+                             f"data.cache_dir={tmp_path / 'cache'}", "trainer.max_steps=4", "trainer.val_check_interval=4",
+                             "optim.lr=1e-2", "trainer.precision=32-true", "logger=csv",
+                             "callbacks.samples.max_new_tokens=8", f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600, env=os.environ | {"PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "objective: instruction, on alpaca data in template alpaca" in result.stdout + result.stderr
+    ours = load_source(str(tmp_path / "run"), "last")
+    assert ours.template == "alpaca"
+    hf = peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(base), tmp_path / "run" / "adapter")
+    x = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        assert (hf.eval()(x).logits - ours.model(x)[0]).abs().max() <= 1e-5
+        assert (transformers.LlamaForCausalLM.from_pretrained(base)(x).logits - ours.model(x)[0]).abs().max() > 1e-4
+
+
+def test_grouping_by_length_pads_less(tmp_path, caplog):
+    rows = [{"instruction": f"Q{i}?", "output": "word " * (1 + (i * 7) % 40)} for i in range(64)]
+    shares = []
+    for group in (False, True):
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            datamodule(tmp_path / str(group), rows, seq_len=256, group_by_length=group)
+        shares.append(float(caplog.text.split("padded to the longest")[1].split(", ")[1].split("%")[0]))
+    assert shares[1] < shares[0] / 2, shares
+
+
+def test_the_story_requests_follow_their_rule():
+    """Three content words (4+ letters, in at most 5% of the stories) of a story's first two sentences, in the order
+    it uses them; its preference pair differs from it only where those words stood."""
+    import re
+
+    from gptexp.data.instruct import story_request_words, story_word_pairs, story_words
+
+    requests, pairs = story_words(), story_word_pairs()
+    assert len(requests) == len(pairs) > 1000
+    for (_, request), (_, pair) in zip(requests[:50], pairs[:50]):
+        words, story = story_request_words(request["instruction"]), request["output"]
+        opening = " ".join(re.split(r"(?<=[.!?])\s+", story)[:2]).lower()
+        positions = [re.search(rf"\b{w}\b", opening).start() for w in words]
+        assert len(words) == 3 and positions == sorted(positions) and all(len(w) >= 4 for w in words)
+        assert pair["prompt"] == request["instruction"] and pair["chosen"] == story
+        rejected = pair["rejected"]
+        assert not any(re.search(rf"\b{w}\b", rejected, re.IGNORECASE) for w in words)
+        kept = [a == b for a, b in zip(re.findall(r"\w+", story), re.findall(r"\w+", rejected))]
+        assert sum(not k for k in kept) == sum(len(re.findall(rf"\b{w}\b", story, re.IGNORECASE)) for w in words)
+
+
+def test_an_instruction_run_resumes_exactly(tmp_path):
+    """Stopped after 4 of 8 steps and resumed from its checkpoint, an instruction run trains the batches it would
+    have, with the same losses (data position, RNG and optimizer state restored)."""
+    from training import column, metrics
+
+    path = write_jsonl(tmp_path / "qa.jsonl", alpaca_rows(40))
+    common = ["model=llama2_260k", "finetune=full", "data=instruct", f"data.files={path}", "data.seq_len=96",
+              "data.batch_size=4", "data.group_by_length=true", f"data.cache_dir={tmp_path / 'cache'}",
+              "trainer.precision=32-true", "trainer.log_every_n_steps=1", "validate_first=false", "logger=csv",
+              "callbacks.samples.max_new_tokens=4", "optim.warmup_steps=2", "optim.decay_steps=8"]
+
+    def run(*overrides: str, name: str) -> list:
+        result = subprocess.run([sys.executable, "train.py", *common, *overrides, f"hydra.run.dir={tmp_path / name}"],
+                                cwd=ROOT, capture_output=True, text=True, timeout=600,
+                                env=os.environ | {"PYTHONWARNINGS": "ignore"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        return column(metrics(tmp_path / name), "train/loss")
+
+    whole = run("trainer.max_steps=8", "trainer.val_check_interval=4", name="whole")
+    run("trainer.max_steps=4", "trainer.val_check_interval=4", name="first")
+    resumed = run("trainer.max_steps=8", "trainer.val_check_interval=4", f"ckpt_path={tmp_path / 'first'}",
+                  name="resumed")
+    assert [s for s, _ in resumed] == [s for s, _ in whole] == list(range(8))
+    assert [loss for _, loss in resumed] == pytest.approx([loss for _, loss in whole], abs=1e-6)

@@ -4,7 +4,8 @@ task=perplexity scores a dataset's split (data=shakespeare, data=tinystories, da
 and its presets from their token shards, the first data.val_tokens tokens when that is set) or any text file
 (text=<path>) in windows of the model's context starting `stride` tokens apart (by default one less than the
 window), every token after the first scored once: mean nats per token, perplexity, bits per byte and the tokens
-scored. task=multiple_choice
+scored; an instruction dataset (data=instruct, data=stories_instruct, ...) has its answers scored in the run's
+template, each after its whole prompt: nats per answer token, perplexity and the answer tokens scored. task=multiple_choice
 scores a HellaSwag-format JSON-lines file: acc (the ending with the highest summed log-probability) and
 acc_norm (the highest mean per ending token, as llm.c's hellaswag.py scores it). Results go to results.json
 in the output directory, to stdout and (logger=wandb, the default) to a wandb run of job type eval.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import hydra
@@ -75,7 +77,39 @@ def shard_tokens(cfg: DictConfig, tokenizer) -> tuple[torch.Tensor, str]:
     return ids, f"data={cfg.data.name} split={cfg.split}" + (f" (first {n:,} tokens)" if n < len(split) else "")
 
 
-def evaluate_perplexity(model, tokenizer, cfg: DictConfig) -> dict:
+@torch.inference_mode()
+def evaluate_answers(model, tokenizer, cfg: DictConfig, template: str | None) -> dict:
+    """An instruction dataset's split (data=instruct and its presets), written in the run's template (else
+    data.template): the answers' tokens scored, each from its whole prompt; the prompts' tokens are not."""
+    from gptexp.data.example_batches import fitted
+    from gptexp.data.instruct import InstructExamples
+
+    if cfg.split not in ("train", "val"):
+        raise ConfigError(f"split={cfg.split!r}: choose train or val")
+    source = InstructExamples(build_dataclass(DataConfig, cfg.data, "data"), template).use(tokenizer)
+    if source.pairs:
+        raise ConfigError(f"data={cfg.data.name} holds preference pairs; evaluate scores instruction data's answers")
+    inputs, targets, dropped = fitted(source.load()[cfg.split], model.context_length, train_on_prompt=False)
+    kept = [(x, y) for x, y in zip(inputs, targets) if x is not None]
+    device = next(model.parameters()).device
+    nll, tokens = 0.0, 0
+    for start in tqdm(range(0, len(kept), cfg.batch_size), desc="examples", unit="batch", leave=False):
+        batch = kept[start:start + cfg.batch_size]
+        x = torch.zeros(len(batch), max(len(x) for x, _ in batch), dtype=torch.long)
+        y = torch.full_like(x, -1)
+        for row, (ids, answer) in enumerate(batch):
+            x[row, :len(ids)], y[row, :len(ids)] = torch.from_numpy(ids), torch.from_numpy(answer)
+        _, loss = model(x.to(device), y.to(device), return_logits=False)
+        count = int((y >= 0).sum())
+        nll, tokens = nll + loss.item() * count, tokens + count
+    return {"task": "answers", "on": f"data={cfg.data.name} split={cfg.split}", "template": source.template.name,
+            "examples": len(kept), "dropped": dropped, "nats_per_answer_token": nll / tokens,
+            "perplexity": math.exp(nll / tokens), "answer_tokens": tokens}
+
+
+def evaluate_perplexity(model, tokenizer, cfg: DictConfig, template: str | None = None) -> dict:
+    if cfg.text is None and cfg.data.get("loader") == "instruct":
+        return evaluate_answers(model, tokenizer, cfg, template)
     if cfg.text is None and cfg.data.get("loader") == "hf":
         ids, what = shard_tokens(cfg, tokenizer)
     else:
@@ -184,7 +218,7 @@ def evaluate(cfg: DictConfig) -> dict:
     model = source.model
     task = {"perplexity": evaluate_perplexity, "multiple_choice": evaluate_multiple_choice,
             "lm_eval": evaluate_lm_eval}[cfg.task]
-    results = task(model, source.tokenizer, cfg)
+    results = task(model, source.tokenizer, cfg, **({"template": source.template} if cfg.task == "perplexity" else {}))
     results = {"source": str(cfg.source), "model": source.description, "precision": cfg.precision, **results}
     text = json.dumps(results, indent=2) + "\n"
     write_atomically(Path(cfg.output_dir) / "results.json", lambda f: f.write(text.encode()))

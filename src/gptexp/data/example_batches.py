@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from gptexp.config import ConfigError
-from gptexp.data.instruct import Examples
+from gptexp.data.instruct import Examples, described
 
 log = logging.getLogger(__name__)
 GROUP = 64  # data.group_by_length: examples sorted by length within groups of 64 batches
@@ -178,8 +178,9 @@ class ExampleDataModule(L.LightningDataModule):
                             "pairs" if self.pairs else "examples", self.seq_len)
             left = sum(t is not None for t in targets[:len(targets) // 2 if self.pairs else None])
             if not left:
-                raise ConfigError(f"data=instruct: no {split} example fits the {self.seq_len}-token window once "
-                                  f"prompts that fill it are dropped; raise data.seq_len or shorten the prompts")
+                raise ConfigError(f"{described(self.config)}: no {split} example is left once the {dropped} whose "
+                                  f"prompt alone fills the {self.seq_len}-token window are dropped; raise data.seq_len "
+                                  f"(up to the model's context) or shorten the prompts")
             self.splits[split] = (inputs, targets)
         self.report_padding()
 

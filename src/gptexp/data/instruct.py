@@ -17,8 +17,9 @@ Builders, from the bundled TinyStories sample, by one rule: a story's content wo
 letters or more that appear in at most 5% of the stories; three of those in its first two sentences, drawn at
 random (seeded by the story's index) and listed in the order the story uses them, make the request "Write a story
 that uses the words: {a}, {b}, {c}." whose answer is the story itself (story_words; a story with fewer than three
-such words is left out). story_word_pairs prefers that story to the next story, cyclically, that uses none of the
-three.
+such words is left out). story_word_pairs prefers that story to the same story with each of the three words, wherever
+it stands, replaced by a content word of another story (drawn at random, seeded by the story's index): the two
+answers differ in nothing but using the words asked for.
 
 Each split is tokenized once, cached by the records, the tokenizer, the template and the system prompt. An
 example longer than the window is cut to fit with its closing EOS kept (the answer's last trained token); one
@@ -112,6 +113,12 @@ def read_hub(config, split: str, key: str) -> list[tuple[str, dict]]:
         raise ConfigError(f"data.path={config.path} ({key}={split}): {str(error).splitlines()[0]}; offline, give "
                           f"local copies with data.files=<.jsonl / .parquet files> and data.path=null") from None
     return [(f"{config.path} {split}, row {i + 1}", row) for i, row in enumerate(rows)]
+
+
+def described(config) -> str:
+    """Where a data=instruct dataset's records come from, for messages."""
+    return (f"data.files={config.files}" if config.files else f"data.path={config.path}" if config.path
+            else f"data.builder={config.builder}")
 
 
 def read_records(config) -> dict[str, list[tuple[str, dict]]]:
@@ -233,17 +240,23 @@ def story_words() -> list[tuple[str, dict]]:
 
 
 def story_word_pairs() -> list[tuple[str, dict]]:
-    """Each request of story_words with its story chosen and the next story using none of the words rejected."""
+    """Each request of story_words, its story chosen over the same story with the requested words replaced."""
     stories = stories_with_words()
+    others = sorted({word for _, words in stories for word in words})
     pairs = []
     for i, (story, words) in enumerate(stories):
-        for step in range(1, len(stories)):
-            other = stories[(i + step) % len(stories)][0]
-            if not set(words) & set(word_list(other)):
-                pairs.append((f"story {i + 1}", {"prompt": STORY_REQUEST.format(", ".join(words)), "chosen": story,
-                                                 "rejected": other}))
-                break
+        rng = random.Random(i)
+        swap = {word: rng.choice([o for o in others if o not in words]) for word in words}
+        rejected = re.sub(r"[A-Za-z]+", lambda m: same_case(swap.get(m.group().lower()), m.group()), story)
+        pairs.append((f"story {i + 1}", {"prompt": STORY_REQUEST.format(", ".join(words)), "chosen": story,
+                                         "rejected": rejected}))
     return pairs
+
+
+def same_case(replacement: str | None, word: str) -> str:
+    if replacement is None:
+        return word
+    return replacement.capitalize() if word[0].isupper() else replacement
 
 
 def word_list(text: str) -> list[str]:

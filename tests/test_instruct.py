@@ -115,7 +115,7 @@ def test_presets_read_local_files_of_their_hubs_schemas(tmp_path):
                 assert trained.strip() == ("They sleep." if preset == "dolly" else ANSWERS[1])
             if preset == "dolly":
                 whole, _ = example_text(source, "train", 0)
-                assert "Summarise 1.\n\nCats sleep a lot." in whole  # the context, as the input
+                assert "### Instruction:\nSummarise 1.\n\n### Input:\nCats sleep a lot." in whole  # context: input
 
 
 def test_columns_rename_fields_and_the_validation_split_is_held_out_or_its_own(tmp_path):

@@ -107,8 +107,9 @@ def run(cfg: DictConfig) -> float | None:
                               f"model=<that run's model> (model.tokenizer) to match")
     else:
         model = models.build(cfg.model, vocab_size=source.tokenizer.vocab_size)
-    log.info("model: %s, %.2fM parameters; tokenizer %s (%d tokens)", type(model).__name__,
-             model.num_parameters() / 1e6, source.tokenizer.name, source.tokenizer.vocab_size)
+    arch = cfg.model.arch if start is None else type(model).__name__.lower()  # gpt2 | llama
+    log.info("model: %s, %.2fM parameters; tokenizer %s (%d tokens)", arch, model.num_parameters() / 1e6,
+             source.tokenizer.name, source.tokenizer.vocab_size)
     model = finetune.apply(model, cfg.finetune)
     objective = objectives.build(build_dataclass(finetune.FinetuneConfig, cfg.finetune, "finetune"), model,
                                  source.kind)

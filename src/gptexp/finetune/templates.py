@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from gptexp.data.tokenizers import CHAR_END as END_MARKER
+from gptexp.data.tokenizers import CHAR_END
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
@@ -139,6 +139,7 @@ class Plain(Template):
 
 
 TEMPLATES: dict[str, Template] = {t.name: t for t in (Llama2Chat(), Alpaca(), Plain())}
+END_MARKER = CHAR_END  # what closes an answer in a character vocabulary (it joins the vocabulary)
 
 
 def get(name: str) -> Template:

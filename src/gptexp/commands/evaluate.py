@@ -81,7 +81,7 @@ def shard_tokens(cfg: DictConfig, tokenizer) -> tuple[torch.Tensor, str]:
 def evaluate_answers(model, tokenizer, cfg: DictConfig, template: str | None) -> dict:
     """An instruction dataset's split (data=instruct and its presets), written in the run's template (else
     data.template): the answers' tokens scored, each from its whole prompt; the prompts' tokens are not."""
-    from gptexp.data.example_batches import fitted
+    from gptexp.data.example_batches import ExampleRows, fitted
     from gptexp.data.instruct import InstructExamples
 
     if cfg.split not in ("train", "val"):
@@ -90,15 +90,13 @@ def evaluate_answers(model, tokenizer, cfg: DictConfig, template: str | None) ->
     if source.pairs:
         raise ConfigError(f"data={cfg.data.name} holds preference pairs; evaluate scores instruction data's answers")
     inputs, targets, dropped = fitted(source.load()[cfg.split], model.context_length, train_on_prompt=False)
-    kept = [(x, y) for x, y in zip(inputs, targets) if x is not None]
+    kept = [[i] for i, x in enumerate(inputs) if x is not None]
+    rows = ExampleRows(inputs, targets)  # padded to the longest of each batch, as in validation
     device = next(model.parameters()).device
     nll, tokens = 0.0, 0
     for start in tqdm(range(0, len(kept), cfg.batch_size), desc="examples", unit="batch", leave=False):
-        batch = kept[start:start + cfg.batch_size]
-        x = torch.zeros(len(batch), max(len(x) for x, _ in batch), dtype=torch.long)
-        y = torch.full_like(x, -1)
-        for row, (ids, answer) in enumerate(batch):
-            x[row, :len(ids)], y[row, :len(ids)] = torch.from_numpy(ids), torch.from_numpy(answer)
+        batch = rows[{"rows": kept[start:start + cfg.batch_size]}]
+        x, y = batch["x"], batch["y"]
         _, loss = model(x.to(device), y.to(device), return_logits=False)
         count = int((y >= 0).sum())
         nll, tokens = nll + loss.item() * count, tokens + count
@@ -107,9 +105,7 @@ def evaluate_answers(model, tokenizer, cfg: DictConfig, template: str | None) ->
             "perplexity": math.exp(nll / tokens), "answer_tokens": tokens}
 
 
-def evaluate_perplexity(model, tokenizer, cfg: DictConfig, template: str | None = None) -> dict:
-    if cfg.text is None and cfg.data.get("loader") == "instruct":
-        return evaluate_answers(model, tokenizer, cfg, template)
+def evaluate_perplexity(model, tokenizer, cfg: DictConfig) -> dict:
     if cfg.text is None and cfg.data.get("loader") == "hf":
         ids, what = shard_tokens(cfg, tokenizer)
     else:
@@ -216,9 +212,12 @@ def evaluate(cfg: DictConfig) -> dict:
     source = load_source(str(cfg.source), cfg.checkpoint, cfg.trust_checkpoint)
     source.place(cfg.device, cfg.precision)
     model = source.model
-    task = {"perplexity": evaluate_perplexity, "multiple_choice": evaluate_multiple_choice,
-            "lm_eval": evaluate_lm_eval}[cfg.task]
-    results = task(model, source.tokenizer, cfg, **({"template": source.template} if cfg.task == "perplexity" else {}))
+    if cfg.task == "perplexity" and cfg.text is None and cfg.data.get("loader") == "instruct":
+        results = evaluate_answers(model, source.tokenizer, cfg, source.template)  # in the run's template
+    else:
+        task = {"perplexity": evaluate_perplexity, "multiple_choice": evaluate_multiple_choice,
+                "lm_eval": evaluate_lm_eval}[cfg.task]
+        results = task(model, source.tokenizer, cfg)
     results = {"source": str(cfg.source), "model": source.description, "precision": cfg.precision, **results}
     text = json.dumps(results, indent=2) + "\n"
     write_atomically(Path(cfg.output_dir) / "results.json", lambda f: f.write(text.encode()))

@@ -92,14 +92,21 @@ class ExampleBatches(Sampler):
     def global_batch(self, k: int) -> list[list[int]]:
         return self.stream(k * self.batch_size, self.batch_size)
 
+    def step_tokens(self, step: int) -> int:
+        """The targets of optimizer step `step`: all its micro-batches, every process's."""
+        per_step = self.accumulate * self.world_size
+        return sum(int(self.counts[i]) for g in range(step * per_step, (step + 1) * per_step)
+                   for row in self.global_batch(g) for i in row)
+
     def __iter__(self):
         per_step = self.accumulate * self.world_size
+        counted = (None, 0)  # (step, its targets): counted once for its micro-batches
         for m in range(self._start(), self.num_batches):
-            k = m * self.world_size + self.rank
-            step = (m // self.accumulate) * per_step
-            step_tokens = sum(int(self.counts[i]) for g in range(step, step + per_step)
-                              for row in self.global_batch(g) for i in row)
-            yield {"rows": self.global_batch(k), "step_tokens": step_tokens, "step_pairs": self.batch_size * per_step}
+            step = m // self.accumulate
+            if counted[0] != step:
+                counted = (step, self.step_tokens(step))
+            yield {"rows": self.global_batch(m * self.world_size + self.rank), "step_tokens": counted[1],
+                   "step_pairs": self.batch_size * per_step}
 
     def _start(self) -> int:
         return self.start() if callable(self.start) else self.start

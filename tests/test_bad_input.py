@@ -99,6 +99,25 @@ def test_train_refuses_bad_input_cleanly(case, tmp_path, monkeypatch, capfd):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["earlier.txt"] + ["a_file"] * (case == "unwritable output directory"))
 
 
+# (train.py arguments without TINY's, what stderr must say): recipes and instruction data
+RECIPE_CASES = {
+    "recipe whose starting run is not given": (["experiment=stories260k_dpo"],
+                                               ["finetune.init_from is required by this recipe", "add finetune.init_from=<the run to start from>"]),
+    "unknown template": (["model=llama2_260k", "data=stories_instruct", "data.template=chatml"],
+                         ["template='chatml' is not a template; choose one of"]),
+}
+
+
+@pytest.mark.parametrize("case", RECIPE_CASES)
+def test_recipes_refuse_bad_input_cleanly(case, tmp_path, monkeypatch, capfd):
+    arguments, messages = RECIPE_CASES[case]
+    status, stderr = in_process("train.py", [*arguments, "logger=wandb", f"hydra.run.dir={tmp_path / 'run'}"],
+                                monkeypatch, capfd)
+    assert status == 2
+    one_line_error(stderr, messages)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("content, message", [(b"", "is empty"), (b"caf\xe9 au lait", "is not UTF-8 text (byte 0xe9 at offset 3)")])
 def test_bad_text_files(content, message, tmp_path, monkeypatch, capfd):
     (tmp_path / "text.txt").write_bytes(content)

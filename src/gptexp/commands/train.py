@@ -154,6 +154,8 @@ def run(cfg: DictConfig) -> float | None:
 
 def starting_run(cfg: DictConfig):
     """The run finetune.init_from names (its best checkpoint; a LoRA adapter merged in), or None."""
+    if OmegaConf.is_missing(cfg.finetune, "init_from"):
+        raise ConfigError("finetune.init_from is required by this recipe: add finetune.init_from=<the run to start from>")
     init_from = cfg.finetune.get("init_from")
     if not init_from:
         return None

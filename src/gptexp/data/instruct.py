@@ -338,8 +338,8 @@ class InstructExamples:
     def use(self, tokenizer) -> InstructExamples:
         """Write the examples with `tokenizer` (in the template, checked against it)."""
         self.tokenizer = tokenizer
-        self.template = templates.get(self.template_name or templates.default_for(tokenizer))
         try:
+            self.template = templates.get(self.template_name or templates.default_for(tokenizer))
             self.template.check(tokenizer)
         except ValueError as error:
             raise ConfigError(str(error)) from None
@@ -407,7 +407,10 @@ class InstructExamples:
     def vocabulary_text(self) -> str:
         """Every character a character-level tokenizer must hold: the records written in the template (plain
         unless data.template says), and the end marker."""
-        self.template = templates.get(self.template_name or "plain")
+        try:
+            self.template = templates.get(self.template_name or "plain")
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         text = []
         for items in self.parsed.values():
             for item in items:

@@ -4,12 +4,13 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MEASURED = {"step_ms", "ms_per_token", "tokens_per_s", "mfu", "peak_memory_mb", "bandwidth_bound_tokens_per_s",
-            "peak_flops"}
+MEASURED = {"step_ms", "ms_per_token", "tokens_per_s", "mfu", "peak_memory_mb", "bandwidth_bound_tokens_per_s", "of_bound",
+            "weight_mb_per_step", "peak_flops"}
 
 
 def test_smoke_benchmark_writes_one_row_per_implementation_and_case(tmp_path):
     result = subprocess.run([sys.executable, "-m", "gptexp", "bench", "preset=smoke", "repeats=2", "warmup=1",
+                             "quantize=[int8,int4]", "quantize_group_size=32",
                              f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "bench.csv")))
@@ -28,7 +29,7 @@ def test_smoke_benchmark_writes_one_row_per_implementation_and_case(tmp_path):
         ("gptexp", "True"), ("gptexp", "False"), ("hf", "True"), ("hf", "False")}
     assert all(float(r["tokens_per_s"]) > 0 for r in rows)
     assert all(0 < float(r["mfu"]) < 1 for r in rows if r["kind"] == "train")
-    peaks = {r["precision"]: float(r["peak_flops"]) for r in rows}
+    peaks = {r["precision"]: float(r["peak_flops"]) for r in rows if r["precision"] in ("fp32", "bf16")}
     assert peaks["bf16"] != peaks["fp32"]  # MFU divides by the peak of the precision in use
     # a cached decoding step reads every weight at least once: it cannot beat the memory-bandwidth bound
     assert all(0 < float(r["tokens_per_s"]) < float(r["bandwidth_bound_tokens_per_s"])
@@ -37,4 +38,9 @@ def test_smoke_benchmark_writes_one_row_per_implementation_and_case(tmp_path):
     assert bound["bf16"] == 2 * bound["fp32"]  # half the bytes to read
     assert "gptexp bf16" in result.stdout and "against hf fp32" in result.stdout
     assert "ratio" in result.stdout
+    quantized = {(r["impl"], r["precision"], r["kv_cache"]) for r in rows if r["precision"] in ("int8", "int4")}
+    assert quantized == {("gptexp", f, c) for f in ("int8", "int4") for c in ("True", "False")}  # gptexp alone
+    read = {r["precision"]: float(r["weight_mb_per_step"]) for r in rows if r["kind"] == "generate"}
+    assert read["fp32"] > read["bf16"] > read["int8"] > read["int4"]
+    assert "gptexp int4" in result.stdout and "of its bandwidth bound" in result.stdout
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"

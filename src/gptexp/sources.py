@@ -11,8 +11,9 @@ without running code from them (gptexp.safe_load).
 
 from __future__ import annotations
 
+import json
 import struct
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +22,23 @@ from omegaconf import OmegaConf
 
 from gptexp.checkpoints import load
 from gptexp.config import ConfigError
-from gptexp.data.tokenizers import gpt2_tokenizer, load_tokenizer, tokenizer_from_state
+from gptexp.data.tokenizers import gpt2_tokenizer, load_tokenizer, tokenizer_from_state, tokenizer_state
 from gptexp.models import ARCHITECTURES, GPT2, LanguageModel, Llama
+from gptexp.models import quantize as quantization
 from gptexp.models.llmc import MODEL_MAGIC, read_model
 from gptexp.models.pretrained import read_json, resolve_pretrained
 from gptexp.safe_load import UnsafeFileError, trusting
+from gptexp.writing import write_atomically
 
 FORMATS = ("a run directory (checkpoints/best.ckpt or last.ckpt)", "a .ckpt file",
+           "a quantized .safetensors (export format=quantized)",
            "a Hugging Face directory (config.json) or hub id", "a Meta directory (params.json)",
            "a llama2.c .bin", "an llm.c model .bin")
 
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+QUANTIZED_FORMAT = "gptexp-quantized"  # the safetensors metadata's "format" of a saved quantized model
+TOKENIZER_TENSOR = "gptexp.tokenizer_model"  # a SentencePiece model's bytes, in a quantized file
 
 
 @dataclass
@@ -42,18 +48,47 @@ class Source:
     description: str  # what was loaded, for the log
     template: str | None = None  # the template an instruction run was trained in (gptexp.finetune.templates)
 
-    def place(self, device: str = "auto", precision: str = "fp32") -> str:
-        """Move the model to `device` (auto | cpu | cuda) in `precision` (fp32 | bf16, the weights themselves);
-        returns the device's name. Bad values raise ConfigError naming the choices."""
+    def place(self, device: str = "auto", precision: str = "fp32", quantize: str | None = None,
+              group_size: int = quantization.DEFAULT_GROUP_SIZE) -> str:
+        """Move the model to `device` (auto | cpu | cuda) in `precision` (fp32 | bf16: the weights, or with
+        `quantize` the activations and what stays unquantized), its linear layers quantized to `quantize` (int8 |
+        int4, groups of `group_size`; gptexp.models.quantize) where they are not already; returns the device's
+        name. Bad values raise ConfigError naming the choices."""
         if precision not in PRECISIONS:
             raise ConfigError(f"precision={precision!r}: choose fp32 or bf16")
         if device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device={device!r}: choose auto, cpu or cuda")
         if device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device=cuda, but torch sees no CUDA device here; use device=cpu (or auto)")
+        quantization.check(quantize, group_size)
+        held = getattr(self.model, "quantization", None)
+        if held and quantize and quantize != held["scheme"]:
+            raise ConfigError(f"quantize={quantize}: the source is already quantized to {held['scheme']}; leave "
+                              f"quantize unset to use it as it is, or quantize the unquantized model")
         name = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
         self.model = self.model.to(device=name, dtype=PRECISIONS[precision]).eval()
+        if quantize and not held:
+            quantization.quantize(self.model, quantize, group_size)
         return name
+
+    def save_quantized(self, path: str | Path) -> None:
+        """Write the quantized model, its tokenizer and template to one safetensors file that `load_source` reads
+        again as it is (no quantizing)."""
+        from safetensors.torch import save
+
+        held = getattr(self.model, "quantization", None)
+        if not held:
+            raise ConfigError("the model is not quantized: place it with quantize=int8 or int4 first")
+        tokenizer = tokenizer_state(self.tokenizer)
+        tensors = {k: v.contiguous().cpu() for k, v in self.model.state_dict().items()}
+        if "model" in tokenizer:  # SentencePiece's bytes travel as a tensor
+            tensors[TOKENIZER_TENSOR] = torch.frombuffer(bytearray(tokenizer.pop("model")), dtype=torch.uint8)
+        spec = {"class": type(self.model).__name__, "config": asdict(self.model.config)}
+        metadata = {"format": QUANTIZED_FORMAT, "model": json.dumps(spec), "quantization": json.dumps(held),
+                    "tokenizer": json.dumps(tokenizer), "template": json.dumps(self.template),
+                    "description": self.description}
+        data = save(tensors, metadata=metadata)
+        write_atomically(Path(path), lambda f: f.write(data))
 
 
 def load_source(source: str, checkpoint: str = "best", trust: bool = False) -> Source:
@@ -83,6 +118,8 @@ def _load(source: str, checkpoint: str) -> Source:
             return _from_checkpoint(path)
         if path.suffix == ".bin":
             return _from_bin(path)
+        if path.suffix == ".safetensors":
+            return _from_quantized(path)
     elif not path.is_absolute() and not source.startswith((".", "~")) and source.count("/") <= 1:
         return _from_hub(source)
     what = "does not exist" if not path.exists() else "is none of the formats"
@@ -163,6 +200,34 @@ def _from_pretrained_directory(directory: Path) -> Source:
         return Source(Llama.from_pretrained(directory), load_tokenizer(Llama.tokenizer_for(str(directory))),
                       f"HF LLaMA {directory}")
     raise ConfigError(f"{directory}/config.json has model_type {model_type!r}; gptexp reads gpt2 and llama")
+
+
+def _from_quantized(path: Path) -> Source:
+    """A model `Source.save_quantized` wrote: its quantized values loaded as they are."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata() or {}
+    if metadata.get("format") != QUANTIZED_FORMAT:
+        raise ConfigError(f"{path} is not a quantized gptexp model (export format=quantized writes one); for an HF "
+                          f"model pass its directory")
+    spec, held = json.loads(metadata["model"]), json.loads(metadata["quantization"])
+    model_cls, config_cls = next(v for v in ARCHITECTURES.values() if v[0].__name__ == spec["class"])
+    with torch.device("meta"):
+        model = model_cls(config_cls(**spec["config"]))
+        quantization.replace_layers(model, held["scheme"], held["group_size"] or quantization.DEFAULT_GROUP_SIZE)
+    tensors = load_file(str(path))
+    tokenizer = json.loads(metadata["tokenizer"])
+    if TOKENIZER_TENSOR in tensors:
+        tokenizer["model"] = tensors.pop(TOKENIZER_TENSOR).numpy().tobytes()
+    model.load_state_dict(tensors, strict=True, assign=True)
+    model.rebuild_buffers()
+    for module in model.modules():
+        if isinstance(module, quantization.QuantizedLinear):
+            module.pack()
+    return Source(model.eval(), tokenizer_from_state(tokenizer), f"{metadata['description']}, {held['scheme']} ({path})",
+                  json.loads(metadata["template"]))
 
 
 def _from_bin(path: Path) -> Source:

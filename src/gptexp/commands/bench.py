@@ -1,10 +1,10 @@
 """Benchmark gptexp's models against HF transformers' at the same configs.
 
-    python -m gptexp bench [preset=smoke|cpu|gpu] [precision=[fp32,bf16]] [device=cuda compile=true ...]
+    python -m gptexp bench [preset=smoke|cpu|gpu|decode] [precision=[fp32,bf16]] [quantize=[int8,int4]] [...]
 
 Training cases time forward + backward + AdamW step and report tokens/s, MFU (against the peak of the
 precision in use) and peak memory; generation cases report new tokens/s (greedy) with and without the KV
-cache, beside the bound of reading every weight once per token; finetuning cases compare full training
+cache, beside the bound of reading every weight once per token (and with quantize=, gptexp's int8 and int4 weights too); finetuning cases compare full training
 with LoRA (and activation checkpointing) in step time and memory. Each case runs in every precision asked
 for (fp32, and bf16: autocast for training, bf16 weights for generation, for both implementations alike).
 Implementations run interleaved, one repeat of each in turn, so machine noise hits both alike; numbers are
@@ -34,12 +34,13 @@ from gptexp.config import CONF_DIR, ConfigError
 from gptexp.hardware import measured_cpu_memory_bandwidth, peak_flops
 from gptexp.memory import PeakMemory, resident_bytes
 from gptexp.models import GPT2, GPT2Config, Llama, LlamaConfig
+from gptexp.models import quantize as quantization
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 IMPLS = ("gptexp", "hf")
 SHOWN = ["kind", "case", "impl", "precision", "batch", "seq_len", "kv_cache", "method", "activation_checkpointing",
-         "step_ms", "ms_per_token", "tokens_per_s", "mfu", "bandwidth_bound_tokens_per_s", "peak_memory_mb"]
+         "step_ms", "ms_per_token", "tokens_per_s", "mfu", "bandwidth_bound_tokens_per_s", "of_bound", "peak_memory_mb"]
 
 
 def build_model(impl: str, dims: dict, context: int, device: torch.device) -> torch.nn.Module:
@@ -234,17 +235,24 @@ def bench_finetuning(name: str, case: DictConfig, cfg: DictConfig, device: torch
 
 
 def bench_generation(name: str, case: DictConfig, cfg: DictConfig, device: torch.device) -> list[dict]:
-    """Greedy decoding; in each precision both implementations hold the same weights (bf16: the float32
-    weights rounded)."""
+    """Greedy decoding in every format: each precision for both implementations (bf16: the float32 weights
+    rounded), each of cfg.quantize for gptexp alone (its linear layers quantized, activations in
+    cfg.quantize_precision). Every row's bound is the measured streaming rate over the bytes of weights a step
+    reads (gptexp.models.quantize.read_bytes_per_token), and `of_bound` the share of it reached."""
     dims = OmegaConf.to_container(case.model)
     rows = []
     context = case.prompt + case.new_tokens
     built = {impl: build_model(impl, dims, context, device).eval() for impl in cfg.impls}
     # every weight is read once per decoding step: on a CPU, the fastest a step can be is bytes / bandwidth
     bandwidth = measured_cpu_memory_bandwidth() if device.type == "cpu" else float("nan")
-    for precision in cfg.precision:
-        models = {impl: copy.deepcopy(model).to(DTYPES[precision]) for impl, model in built.items()}
-        weight_bytes = sum(p.nbytes for p in next(iter(models.values())).parameters())
+    formats = [(p, DTYPES[p], None) for p in cfg.precision]
+    formats += [(scheme, DTYPES[cfg.quantize_precision], scheme) for scheme in cfg.quantize]
+    for label, dtype, scheme in formats:
+        models = {impl: copy.deepcopy(model).to(dtype) for impl, model in built.items()
+                  if scheme is None or impl == "gptexp"}
+        if scheme:
+            quantization.quantize(models["gptexp"], scheme, cfg.quantize_group_size)
+        read_bytes = quantization.read_bytes_per_token(models.get("gptexp") or models["hf"])
         for batch, use_cache in itertools.product(case.batch, case.kv_cache):
             prompt = torch.randint(0, dims["vocab_size"], (batch, case.prompt), device=device)
             times = {impl: [] for impl in models}
@@ -255,11 +263,13 @@ def bench_generation(name: str, case: DictConfig, cfg: DictConfig, device: torch
                         times[impl].append(seconds)
             for impl in models:
                 seconds = statistics.median(times[impl])
-                rows.append(dict(kind="generate", case=name, impl=impl, precision=precision, batch=batch,
+                tokens_per_s = batch * case.new_tokens / seconds
+                bound = batch * bandwidth / read_bytes
+                rows.append(dict(kind="generate", case=name, impl=impl, precision=label, batch=batch,
                                  seq_len=context, **dims, kv_cache=use_cache, prompt=case.prompt,
-                                 new_tokens=case.new_tokens, tokens_per_s=batch * case.new_tokens / seconds,
-                                 ms_per_token=1e3 * seconds / case.new_tokens,
-                                 bandwidth_bound_tokens_per_s=batch * bandwidth / weight_bytes))
+                                 new_tokens=case.new_tokens, tokens_per_s=tokens_per_s,
+                                 ms_per_token=1e3 * seconds / case.new_tokens, weight_mb_per_step=read_bytes / 1e6,
+                                 bandwidth_bound_tokens_per_s=bound, of_bound=tokens_per_s / bound))
             log.info("%s", ratios_text(rows[-len(models):]))
         del models
     return rows
@@ -299,11 +309,13 @@ def ratios(table) -> str:
                          f"ratio {speeds['gptexp'] / speeds['hf']:.2f}")
     decoding = table[table["kind"] == "generate"] if "kind" in table else table.iloc[:0]
     for key, group in decoding.groupby([k for k in keys if k != "precision"], dropna=False):
-        speeds = dict(zip(zip(group["impl"], group["precision"]), group["tokens_per_s"]))
-        if {("gptexp", "bf16"), ("hf", "fp32")} <= speeds.keys():
-            label = " ".join(f"{k}={v}" for k, v in zip([k for k in keys if k != "precision"], key) if v == v)
-            lines.append(f"{label}: gptexp bf16 {speeds['gptexp', 'bf16']:,.0f} tok/s against hf fp32 "
-                         f"{speeds['hf', 'fp32']:,.0f} tok/s, ratio {speeds['gptexp', 'bf16'] / speeds['hf', 'fp32']:.2f}")
+        label = " ".join(f"{k}={v}" for k, v in zip([k for k in keys if k != "precision"], key) if v == v)
+        hf = group[(group["impl"] == "hf") & (group["precision"] == "fp32")]["tokens_per_s"]
+        for row in group[group["impl"] == "gptexp"].itertuples():
+            against = f" against hf fp32 {hf.iloc[0]:,.0f} tok/s, ratio {row.tokens_per_s / hf.iloc[0]:.2f};" if len(hf) else ""
+            share = f" {row.of_bound:.0%} of its bandwidth bound" if row.of_bound == row.of_bound else ""
+            if against or share:
+                lines.append(f"{label}: gptexp {row.precision} {row.tokens_per_s:,.0f} tok/s{against}{share}")
     return "\n".join(lines)
 
 
@@ -366,6 +378,12 @@ def check(cfg: DictConfig) -> None:
     if unknown or not cfg.precision:
         raise ConfigError(f"precision={list(cfg.precision)}: choose {' and/or '.join(DTYPES)}, "
                           f"e.g. precision=bf16 or precision=[fp32,bf16]")
+    if isinstance(cfg.quantize, str):
+        cfg.quantize = [cfg.quantize]
+    for scheme in cfg.quantize:
+        quantization.check(scheme, cfg.quantize_group_size)
+    if cfg.quantize_precision not in DTYPES:
+        raise ConfigError(f"quantize_precision={cfg.quantize_precision!r}: choose fp32 or bf16")
     for key, least in (("warmup", 0), ("repeats", 1)):
         if not isinstance(cfg[key], int) or cfg[key] < least:
             raise ConfigError(f"{key} must be an integer >= {least}, got {cfg[key]!r}")

@@ -31,6 +31,7 @@ from gptexp.cli import answered_errors, run_command
 from gptexp.config import CONF_DIR, ConfigError, build_dataclass
 from gptexp.data import DATASETS, DataConfig, HFTokens
 from gptexp.data.token_files import encode_documents
+from gptexp.models import quantize as quantization
 from gptexp.scoring import ending_logprobs, perplexity, summary
 from gptexp.sources import load_source
 from gptexp.writing import write_atomically
@@ -209,8 +210,9 @@ def evaluate(cfg: DictConfig) -> dict:
         raise ConfigError(f"task={cfg.task!r}: choose {', '.join(TASKS[:-1])} or {TASKS[-1]}")
     if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
         raise ConfigError(f"batch_size must be an integer >= 1, got {cfg.batch_size!r}")
+    quantization.check(cfg.quantize, cfg.quantize_group_size)
     source = load_source(str(cfg.source), cfg.checkpoint, cfg.trust_checkpoint)
-    source.place(cfg.device, cfg.precision)
+    source.place(cfg.device, cfg.precision, cfg.quantize, cfg.quantize_group_size)
     model = source.model
     if cfg.task == "perplexity" and cfg.text is None and cfg.data.get("loader") == "instruct":
         results = evaluate_answers(model, source.tokenizer, cfg, source.template)  # in the run's template
@@ -218,7 +220,9 @@ def evaluate(cfg: DictConfig) -> dict:
         task = {"perplexity": evaluate_perplexity, "multiple_choice": evaluate_multiple_choice,
                 "lm_eval": evaluate_lm_eval}[cfg.task]
         results = task(model, source.tokenizer, cfg)
-    results = {"source": str(cfg.source), "model": source.description, "precision": cfg.precision, **results}
+    held = getattr(model, "quantization", None)
+    results = {"source": str(cfg.source), "model": source.description, "precision": cfg.precision,
+               "quantize": held and held["scheme"], "quantize_group_size": held and held["group_size"], **results}
     text = json.dumps(results, indent=2) + "\n"
     write_atomically(Path(cfg.output_dir) / "results.json", lambda f: f.write(text.encode()))
     if (cfg.get("logger") or {}).get("wandb"):

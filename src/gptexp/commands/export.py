@@ -1,11 +1,16 @@
-"""Write a GPT-2 in another format: python -m gptexp export format=llmc source=<...> output=<...>
+"""Write a model in another format: python -m gptexp export format=llmc|hf|quantized source=<...> output=<...>
 
-source: any GPT-2 gptexp reads (gptexp.sources): a run directory (its last checkpoint, or checkpoint=best), a
-.ckpt file (a LoRA run's with its adapter merged in), an HF GPT-2 directory or hub id, or an llm.c .bin. format=llmc writes llm.c's model file (and with state=<path>, a debug state for a
-batch of random tokens); format=hf writes a directory transformers.GPT2LMHeadModel reads.
+source: any model gptexp reads (gptexp.sources): a run directory (its last checkpoint, or checkpoint=best), a
+.ckpt file (a LoRA run's with its adapter merged in), an HF directory or hub id, or an llm.c .bin. For a GPT-2,
+format=llmc writes llm.c's model file (and with state=<path>, a debug state for a
+batch of random tokens); format=hf writes a directory transformers.GPT2LMHeadModel reads. format=quantized (GPT-2 or
+LLaMA) writes one .safetensors of the model quantized to quantize=int8|int4, with its tokenizer, that every
+command reads as source= without quantizing again.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import hydra
 import torch
@@ -14,6 +19,7 @@ from omegaconf import DictConfig
 from gptexp.cli import answered_errors, run_command
 from gptexp.config import CONF_DIR, ConfigError
 from gptexp.models import GPT2
+from gptexp.models import quantize as quantization
 from gptexp.models.llmc import write_model, write_state
 from gptexp.sources import load_source
 from gptexp.writing import writing
@@ -28,8 +34,10 @@ def load_gpt2(source: str, checkpoint: str = "last", trust: bool = False) -> GPT
 
 
 def export(cfg: DictConfig) -> None:
-    if cfg.format not in ("llmc", "hf"):
-        raise ConfigError(f"format={cfg.format!r}: choose llmc or hf")
+    if cfg.format not in ("llmc", "hf", "quantized"):
+        raise ConfigError(f"format={cfg.format!r}: choose llmc, hf or quantized")
+    if cfg.format == "quantized":
+        return export_quantized(cfg)
     model = load_gpt2(str(cfg.source), cfg.checkpoint, cfg.trust_checkpoint)
     if cfg.format == "hf":
         with writing(cfg.output):
@@ -44,6 +52,19 @@ def export(cfg: DictConfig) -> None:
         with writing(cfg.state):
             write_state(model, tokens[:, :-1], tokens[:, 1:], cfg.state)
     print(f"wrote {cfg.output}" + (f" and {cfg.state}" if cfg.state else ""))
+
+
+def export_quantized(cfg: DictConfig) -> None:
+    quantization.check(cfg.quantize, cfg.quantize_group_size)
+    if not cfg.quantize:
+        raise ConfigError("format=quantized needs quantize=int8 or quantize=int4")
+    if not str(cfg.output).endswith(".safetensors"):
+        raise ConfigError(f"output={cfg.output}: a quantized model is one .safetensors file; name it <name>.safetensors")
+    source = load_source(str(cfg.source), cfg.checkpoint, cfg.trust_checkpoint)
+    source.place("cpu", cfg.precision, cfg.quantize, cfg.quantize_group_size)
+    with writing(cfg.output):
+        source.save_quantized(cfg.output)
+    print(f"wrote {cfg.output} ({cfg.quantize}, {Path(cfg.output).stat().st_size / 1e6:.1f} MB)")
 
 
 @hydra.main(version_base="1.3", config_path=f"{CONF_DIR}/tools", config_name="export")

@@ -24,8 +24,10 @@ from omegaconf import DictConfig
 
 from gptexp.cli import answered_errors, run_command
 from gptexp.config import CONF_DIR, ConfigError
-from gptexp.data.tokenizers import end_of_text_ids, prompt_ids
+from gptexp.data.tokenizers import end_of_text_ids, prompt_ids, tokenizer_state
 from gptexp.finetune import templates
+from gptexp.models import quantize as quantization
+from gptexp.models import speculative
 from gptexp.models.generation import check_sampling, decode
 from gptexp.sources import PRECISIONS, load_source
 from gptexp.writing import write_atomically
@@ -105,6 +107,10 @@ def encode(tokenizer, text: str, context: int, crop: bool) -> list[int]:
 def check(cfg: DictConfig) -> None:
     if cfg.precision not in PRECISIONS:
         raise ConfigError(f"precision={cfg.precision!r}: choose fp32 or bf16")
+    quantization.check(cfg.quantize, cfg.quantize_group_size)
+    for key in ("draft_tokens", "ngram_size"):
+        if not isinstance(cfg[key], int) or cfg[key] < 1:
+            raise ConfigError(f"{key} must be an integer >= 1, got {cfg[key]!r}")
     for key in ("num_samples", "max_new_tokens"):
         if not isinstance(cfg[key], int) or cfg[key] < (1 if key == "num_samples" else 0):
             raise ConfigError(f"{key} must be an integer >= {1 if key == 'num_samples' else 0}, got {cfg[key]!r}")
@@ -122,9 +128,10 @@ def check(cfg: DictConfig) -> None:
 
 
 def sample_batch(model, tokenizer, batch: list[Completion], prompts: list[list[int]], cfg: DictConfig,
-                 generator: torch.Generator, stream: bool) -> None:
+                 generator: torch.Generator, stream: bool, proposer: speculative.Proposer | None = None) -> None:
     """Decode the samples of `batch` together, each from its prompt ids (left-padded where their lengths
-    differ), filling each Completion; with `stream`, the one sample's text goes to stdout as it comes."""
+    differ), filling each Completion; with `stream`, the one sample's text goes to stdout as it comes; with a
+    `proposer`, speculatively."""
     device = next(model.parameters()).device
     width = max(map(len, prompts))
     idx = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
@@ -132,8 +139,9 @@ def sample_batch(model, tokenizer, batch: list[Completion], prompts: list[list[i
     ends = set() if cfg.ignore_eos else end_of_text_ids(tokenizer)
     text_stream = TextStream()
     start, first = time.perf_counter(), None
+    stats = speculative.SpeculationStats()
     steps = decode(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, generator=generator,
-                   pad=pad)
+                   pad=pad, proposer=proposer, stats=stats)
     for column in steps:
         first = first or time.perf_counter()
         for completion, token in zip(batch, column[:, 0].tolist()):
@@ -163,10 +171,12 @@ def sample_batch(model, tokenizer, batch: list[Completion], prompts: list[list[i
     lengths = sorted({len(p) for p in prompts})
     shape = f"{lengths[0]}" if len(lengths) == 1 else f"{lengths[0]}-{lengths[-1]}"
     print(f"[{len(batch)} x {shape} prompt tokens, {new_tokens} new tokens, first token after {to_first}, "
-          f"{new_tokens / seconds:.1f} tokens/s]", file=sys.stderr, flush=True)
+          f"{new_tokens / seconds:.1f} tokens/s{f'; draft: {stats}' if proposer else ''}]", file=sys.stderr,
+          flush=True)
 
 
-def chat(model, tokenizer, template: templates.Template, cfg: DictConfig, generator: torch.Generator) -> list[dict]:
+def chat(model, tokenizer, template: templates.Template, cfg: DictConfig, generator: torch.Generator,
+         proposer: speculative.Proposer | None = None) -> list[dict]:
     """Turns from stdin, one a line, answered in `template` until an empty line or EOF; the oldest exchanges are
     dropped, with a note, when the history no longer fits the context."""
     room = model.context_length - cfg.max_new_tokens
@@ -190,7 +200,7 @@ def chat(model, tokenizer, template: templates.Template, cfg: DictConfig, genera
                   f"dropped]", file=sys.stderr, flush=True)
             history = kept
         completion = Completion(message, ids)
-        sample_batch(model, tokenizer, [completion], [ids], cfg, generator, stream=True)
+        sample_batch(model, tokenizer, [completion], [ids], cfg, generator, stream=True, proposer=proposer)
         history.append((message, completion.text))
         records.append(completion.record() | {"prompt_ids": ids, "answer_ids": completion.ids})
 
@@ -198,12 +208,15 @@ def chat(model, tokenizer, template: templates.Template, cfg: DictConfig, genera
 def sample(cfg: DictConfig) -> list[dict]:
     check(cfg)
     prompts = read_prompts(cfg) if cfg.mode == "generate" else []
+    draft = load_draft(cfg)
     source = load_source(str(cfg.source), cfg.checkpoint, cfg.trust_checkpoint)
-    device = source.place(cfg.device, cfg.precision)
+    device = source.place(cfg.device, cfg.precision, cfg.quantize, cfg.quantize_group_size)
     model, tokenizer = source.model, source.tokenizer
+    proposer = make_proposer(cfg, draft, tokenizer, device)
     encoded = [encode(tokenizer, text, model.context_length, cfg.crop) for text in prompts]
     log.info("%s: %.2fM parameters, tokenizer %s (%d tokens), %s on %s", source.description,
-             model.num_parameters() / 1e6, tokenizer.name, tokenizer.vocab_size, cfg.precision, device)
+             model.num_parameters() / 1e6, tokenizer.name, tokenizer.vocab_size,
+             " + ".join(filter(None, [cfg.precision, cfg.quantize])), device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     if cfg.mode == "chat":
         template = templates.get(source.template or templates.default_for(tokenizer))
@@ -212,7 +225,7 @@ def sample(cfg: DictConfig) -> list[dict]:
         except ValueError as error:
             raise ConfigError(f"mode=chat: {error}") from None
         log.info("chat in template %s%s", template.name, " (the run's)" if source.template else "")
-        records = chat(model, tokenizer, template, cfg, generator)
+        records = chat(model, tokenizer, template, cfg, generator, proposer)
         write_records(Path(cfg.output_dir) / "samples.jsonl", records)
         return records
     completions = [[Completion(text, ids) for _ in range(cfg.num_samples)] for text, ids in zip(prompts, encoded)]
@@ -221,7 +234,7 @@ def sample(cfg: DictConfig) -> list[dict]:
             if i:
                 print(SEPARATOR, flush=True)
             sys.stdout.write(prompts[0])
-            sample_batch(model, tokenizer, [completion], [encoded[0]], cfg, generator, stream=True)
+            sample_batch(model, tokenizer, [completion], [encoded[0]], cfg, generator, stream=True, proposer=proposer)
     else:  # a file of prompts: every sample of every prompt in one left-padded batch, when it fits the context;
         # else one batch per prompt length (a sample that outgrows the context slides its window)
         fits = max(map(len, encoded)) + cfg.max_new_tokens <= model.context_length
@@ -230,7 +243,7 @@ def sample(cfg: DictConfig) -> list[dict]:
         for rows in groups:
             batch = [c for i in rows for c in completions[i]]
             sample_batch(model, tokenizer, batch, [encoded[i] for i in rows for _ in range(cfg.num_samples)],
-                         cfg, generator, stream=False)
+                         cfg, generator, stream=False, proposer=proposer)
         for i, completion in enumerate(c for row in completions for c in row):
             if i:
                 print(SEPARATOR)
@@ -238,6 +251,33 @@ def sample(cfg: DictConfig) -> list[dict]:
     records = [c.record() for row in completions for c in row]
     write_records(Path(cfg.output_dir) / "samples.jsonl", records)
     return records
+
+
+def load_draft(cfg: DictConfig):
+    """The draft model's source draft= names (None for none or ngram), loaded before the model: a bad draft= is
+    said before any work."""
+    if cfg.draft is None or str(cfg.draft) == "ngram":
+        return None
+    try:
+        return load_source(str(cfg.draft), cfg.checkpoint, cfg.trust_checkpoint)
+    except ConfigError as error:
+        raise ConfigError(str(error).replace(f"source={cfg.draft}", f"draft={cfg.draft}", 1)) from None
+
+
+def make_proposer(cfg: DictConfig, draft, tokenizer, device: str) -> speculative.Proposer | None:
+    """What draft= asks for: prompt lookup (ngram), the draft model (sharing the model's tokenizer, placed like the
+    model, unquantized), or None."""
+    if cfg.draft is None:
+        return None
+    if draft is None:
+        return speculative.NgramProposer(cfg.ngram_size, cfg.draft_tokens)
+    if tokenizer_state(draft.tokenizer) != tokenizer_state(tokenizer):
+        raise ConfigError(f"draft={cfg.draft}: its tokenizer ({draft.tokenizer.name}, {draft.tokenizer.vocab_size} "
+                          f"tokens) differs from the model's ({tokenizer.name}, {tokenizer.vocab_size}); a draft must "
+                          f"share the model's tokenizer, or use draft=ngram")
+    draft.place(device, cfg.precision)
+    log.info("draft model %s, %d tokens a step", draft.description, cfg.draft_tokens)
+    return speculative.DraftModel(draft.model, cfg.draft_tokens)
 
 
 def write_records(path: Path, records: list[dict]) -> None:

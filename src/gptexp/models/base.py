@@ -9,6 +9,7 @@ from torch.utils.checkpoint import checkpoint
 
 from gptexp.models import generation
 from gptexp.models.kv_cache import KVCache, document_mask, document_positions
+from gptexp.models.quantize import QuantizedLinear
 
 
 LOSS_CHUNK_LOGITS = 2**23  # logits per chunk of head_loss: 32 MB in float32 (GPT-2: 166 rows)
@@ -45,6 +46,9 @@ class LanguageModel(nn.Module):
         if documents.shape != idx.shape:
             raise ValueError(f"documents must have idx's shape {tuple(idx.shape)}, got {tuple(documents.shape)}")
         return document_positions(documents), document_mask(documents)
+
+    def rebuild_buffers(self) -> None:
+        """Recompute the buffers the state dict does not hold (a model built on the meta device, then loaded)."""
 
     @classmethod
     def tokenizer_for(cls, weights: str) -> str:
@@ -85,8 +89,8 @@ class LanguageModel(nn.Module):
         whatever the vocabulary, and no chunk allocates (a fresh 30 MB tensor per chunk costs more in page
         faults than its arithmetic)."""
         hidden, targets = hidden.flatten(0, 1), targets.reshape(-1)
-        rows = max(1, LOSS_CHUNK_LOGITS // head.weight.size(0))
-        if type(head) is not nn.Linear:  # a wrapped head (LoRA): its own forward, chunk by chunk
+        rows = max(1, LOSS_CHUNK_LOGITS // head.out_features)
+        if type(head) is not nn.Linear:  # a wrapped (LoRA) or quantized head: its own forward, chunk by chunk
             return sum(F.cross_entropy(head(hidden[i:i + rows]).float(), targets[i:i + rows], ignore_index=-1,
                                        reduction="sum") for i in range(0, hidden.size(0), rows)) / (targets != -1).sum()
         device = hidden.device.type
@@ -116,5 +120,7 @@ class LanguageModel(nn.Module):
         return generation.generate(self, idx, max_new_tokens, temperature, top_k, top_p, **kwargs)
 
     def num_parameters(self) -> int:
-        """Distinct parameters (a tied weight counts once)."""
-        return sum(p.numel() for p in self.parameters())
+        """Distinct parameters (a tied weight counts once; a quantized layer's weights and bias count too)."""
+        quantized = [m for m in self.modules() if isinstance(m, QuantizedLinear)]
+        return (sum(p.numel() for p in self.parameters())
+                + sum(m.in_features * m.out_features + (m.out_features if m.bias is not None else 0) for m in quantized))

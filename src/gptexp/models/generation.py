@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptexp import hardware
+from gptexp.models import speculative
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +44,12 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
         raise ValueError(f"top_p must be in (0, 1] or None (no limit), got {top_p}")
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Pick the next token from logits (B, V): greedy at temperature 0, else sample. Returns (B, 1)."""
-    if temperature == 0:
-        return logits.float().argmax(dim=-1, keepdim=True)  # the same token; float32's argmax is twice as fast
+def distribution(logits: torch.Tensor, temperature: float, top_k: int | None = None,
+                 top_p: float | None = None) -> torch.Tensor:
+    """The float32 probabilities (..., V) that sampling at temperature > 0 draws from, after top_k and top_p."""
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
@@ -59,8 +58,15 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
         drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)
+    return F.softmax(logits, dim=-1)
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick the next token from logits (B, V): greedy at temperature 0, else sample. Returns (B, 1)."""
+    if temperature == 0:
+        return logits.float().argmax(dim=-1, keepdim=True)  # the same token; float32's argmax is twice as fast
+    return torch.multinomial(distribution(logits, temperature, top_k, top_p), num_samples=1, generator=generator)
 
 
 @contextlib.contextmanager
@@ -151,11 +157,15 @@ def generate(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, tem
 
 def decode(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
            top_k: int | None = None, top_p: float | None = None, *, use_cache: bool = True,
-           generator: torch.Generator | None = None, pad: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+           generator: torch.Generator | None = None, pad: torch.Tensor | None = None,
+           proposer: speculative.Proposer | None = None,
+           stats: speculative.SpeculationStats | None = None) -> Iterator[torch.Tensor]:
     """`generate` one step at a time: yields each new column of tokens (B, 1) as soon as it is chosen, so a
     caller can stream them or stop early (closing the iterator restores the model's mode). Prompts of
     different lengths decode in one batch left-padded, `pad` (B,) counting each row's padding tokens; such a
-    batch decodes with the KV cache and within the context."""
+    batch decodes with the KV cache and within the context. With a `proposer` (gptexp.models.speculative) the
+    KV cache checks its proposals several tokens a forward pass, with the same result; `stats` counts how it
+    went."""
     check_sampling(temperature, top_k, top_p)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -168,16 +178,30 @@ def decode(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, tempe
     if pad is not None and (not use_cache or idx.size(1) + max_new_tokens > context):
         raise ValueError(f"a padded batch decodes with the KV cache and within the context: {idx.size(1)} prompt "
                          f"tokens + {max_new_tokens} new ones exceed the model's {context}")
-    return _decode(model, idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator, pad)
+    if proposer is not None and not use_cache:
+        raise ValueError("speculative decoding checks proposals with the KV cache: pass use_cache=True")
+    return _decode(model, idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator, pad, proposer,
+                   stats if stats is not None else speculative.SpeculationStats())
 
 
-def _decode(model, idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator, pad) -> Iterator[torch.Tensor]:
+def _decode(model, idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator, pad, proposer,
+            stats) -> Iterator[torch.Tensor]:
     context = model.context_length
-    with torch.inference_mode(), _eval_mode(model), onednn_linears(model, idx.size(0)):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode())
+        for m in [model] + ([proposer.model] if isinstance(proposer, speculative.DraftModel) else []):
+            stack.enter_context(_eval_mode(m))
+            stack.enter_context(onednn_linears(m, idx.size(0)))
         length = min(context, idx.size(1) + max_new_tokens)
         cache = model.new_kv_cache(idx.size(0), length, pad) if use_cache else None
-        out, new = idx, idx
-        for _ in range(max_new_tokens):
+        out = idx
+        if proposer is not None:
+            for column in _speculate(model, idx, max_new_tokens, temperature, top_k, top_p, generator, pad,
+                                     proposer, stats, cache):
+                out = torch.cat([out, column], dim=1)
+                yield column
+        new = out[:, cache.length:] if cache is not None else out
+        for _ in range(max_new_tokens - (out.size(1) - idx.size(1))):
             if cache is not None and cache.length + new.size(1) > cache.max_len:
                 cache = None  # context full: from here on, recompute over a sliding window
             if cache is None:
@@ -187,3 +211,36 @@ def _decode(model, idx, max_new_tokens, temperature, top_k, top_p, use_cache, ge
             new = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
             out = torch.cat([out, new], dim=1)
             yield new
+
+
+def _speculate(model, idx, max_new_tokens, temperature, top_k, top_p, generator, pad, proposer, stats,
+               cache) -> Iterator[torch.Tensor]:
+    """decode's steps with a proposer, while the KV cache has room for a step's proposals: each round the
+    proposer offers up to k tokens a row, one forward pass of the model scores them all, and the tokens it
+    keeps (gptexp.models.speculative.verify) come out a column at a time."""
+    greedy = temperature == 0
+    probabilities = None if greedy else (lambda logits: distribution(logits, temperature, top_k, top_p))
+    proposer.start(idx, cache.max_len, pad)
+    out, made = idx, 0
+    while made < max_new_tokens and out.size(1) < cache.max_len:
+        k = min(proposer.tokens, max_new_tokens - made - 1, cache.max_len - out.size(1))
+        drafts, q, real = (proposer.propose(out, k, probabilities, generator) if k else (out[:, :0], None, None))
+        start = out.size(1)
+        readable = drafts.clamp(max=model.config.vocab_size - 1)  # a draft's padded vocabulary: refused below
+        logits = model(torch.cat([out[:, cache.length:], readable], dim=1), cache=cache)[0][:, -(k + 1):]
+        if greedy:
+            p = logits.float().argmax(-1)
+        else:
+            p = probabilities(logits)
+            if q is not None and q.size(-1) != p.size(-1):  # vocabularies padded to different sizes
+                size = max(q.size(-1), p.size(-1))
+                p, q = F.pad(p, (0, size - p.size(-1))), F.pad(q, (0, size - q.size(-1)))
+        n, tokens, accepted = speculative.verify(p, drafts, q, real, greedy, generator)
+        stats.proposed += int(real.sum()) if real is not None else drafts.numel()
+        stats.accepted += int(accepted.sum())
+        stats.forwards += 1
+        stats.tokens += n + 1
+        cache.length = start + n  # the rejected proposals' keys are overwritten next round
+        proposer.rollback(start + n)
+        out, made = torch.cat([out, tokens], dim=1), made + n + 1
+        yield from tokens.split(1, dim=1)

@@ -133,7 +133,7 @@ class GPT2(LanguageModel):
         return 6 * weights + 12 * self.config.n_layer * self.config.n_embd * seq_len
 
     def new_kv_cache(self, batch: int, max_len: int, pad: torch.Tensor | None = None) -> KVCache:
-        c, weight = self.config, self.transformer.wte.weight
+        c, weight = self.config, self.transformer.ln_f.weight  # the activations' dtype (a quantized model's too)
         return KVCache(c.n_layer, batch, c.n_head, max_len, c.n_embd // c.n_head, dtype=weight.dtype,
                        device=weight.device, pad=pad)
 

@@ -171,7 +171,7 @@ class Llama(LanguageModel):
         return 6 * weights + 12 * self.config.n_layers * self.config.dim * seq_len
 
     def new_kv_cache(self, batch: int, max_len: int, pad: torch.Tensor | None = None) -> KVCache:
-        c, weight = self.config, self.lm_head.weight
+        c, weight = self.config, self.model.norm.weight  # the activations' dtype (a quantized model's too)
         return KVCache(c.n_layers, batch, c.n_kv_heads, max_len, c.head_dim, dtype=weight.dtype, device=weight.device,
                        pad=pad)
 
@@ -222,8 +222,11 @@ class Llama(LanguageModel):
             raise ValueError(f"{source} does not hold the LLaMA its config describes: {error}") from error
         if config.tie_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight  # assign=True replaced the tied tensor
-        model.rope_cos, model.rope_sin = rotary_tables(config)
+        model.rebuild_buffers()
         return model
+
+    def rebuild_buffers(self) -> None:
+        self.rope_cos, self.rope_sin = rotary_tables(self.config)
 
     @classmethod
     def tokenizer_for(cls, weights: str) -> str:

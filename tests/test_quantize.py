@@ -1,0 +1,205 @@
+"""Weight-only int8 / int4: the products equal a float layer holding the dequantized weights, the kernels read the
+packed weights (never a float copy), a tied head and embedding stay one weight, a saved quantized model loads as
+it was, and every command takes quantize=."""
+
+import copy
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from test_bad_input import in_process, one_line_error
+
+from gptexp.config import ConfigError, asset_path
+from gptexp.models import GPT2, GPT2Config, Llama, LlamaConfig
+from gptexp.models.quantize import (QuantizedEmbedding, QuantizedLinear, quantize, read_bytes_per_token,
+                                    weight_bytes)
+from gptexp.sources import load_source
+
+STORIES = str(asset_path("stories260K/stories260K.bin"))
+
+
+def gpt2() -> GPT2:
+    torch.manual_seed(0)
+    return GPT2(GPT2Config(block_size=64, vocab_size=100, n_layer=2, n_head=2, n_embd=64)).eval()
+
+
+def llama() -> Llama:
+    torch.manual_seed(0)
+    return Llama(LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=100, max_seq_len=64,
+                             hidden_dim=128)).eval()
+
+
+def dequantized_copy(model, quantized):
+    """`model` with each linear weight replaced by what its quantized layer stands for: the float reference."""
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, module in quantized.named_modules():
+            if isinstance(module, QuantizedLinear):
+                reference.get_submodule(name).weight.copy_(module.dequantized())
+    return reference
+
+
+@pytest.mark.parametrize("build", [gpt2, llama])
+@pytest.mark.parametrize("scheme, group_size", [("int8", None), ("int4", 32), ("int4", 64)])
+def test_quantized_logits_equal_the_dequantized_float_model(build, scheme, group_size):
+    model = build()
+    quantized = quantize(copy.deepcopy(model), scheme, group_size or 128)
+    x = torch.randint(0, 100, (3, 17))
+    reference = dequantized_copy(model, quantized)(x)[0]
+    # float32 activations: the kernels' sums in another order, nothing more (1e-5 of logits of order 1)
+    assert (quantized(x)[0] - reference).abs().max().item() < 1e-5
+    # and the quantization error itself is small against the float model's logits
+    error = (quantized(x)[0] - model(x)[0]).abs().max().item()
+    assert error < (0.02 if scheme == "int8" else 0.2), error
+
+
+def test_int8_is_per_output_channel_and_int4_group_wise():
+    linear = nn.Linear(64, 48)
+    q8 = QuantizedLinear.from_linear(linear, "int8")
+    assert q8.qweight.dtype == torch.int8 and q8.scales.shape == (48,)
+    assert q8.qweight.abs().amax(dim=1).eq(127).all()  # each row's largest weight uses the whole range
+    q4 = QuantizedLinear.from_linear(linear, "int4", 32)
+    assert q4.qweight.dtype == torch.uint8 and q4.qweight.shape == (48, 32)  # two values a byte
+    assert q4.scales.shape == q4.zeros.shape == (48, 2)
+    values = q4.int4_values()
+    assert values.min() == 0 and values.max() == 15
+    # each group's smallest and largest weight are represented (to rounding): the range spans the group
+    groups = linear.weight.detach().view(48, 2, 32)
+    assert torch.allclose(q4.dequantized().view(48, 2, 32).amin(-1), groups.amin(-1), atol=1e-6)
+    assert torch.allclose(q4.dequantized().view(48, 2, 32).amax(-1), groups.amax(-1), atol=1e-6)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_the_product_reads_the_packed_weight_and_never_a_float_copy(scheme):
+    from torch.profiler import ProfilerActivity, profile
+
+    layer = QuantizedLinear.from_linear(nn.Linear(256, 512, bias=False), scheme, 64)
+    x = torch.randn(1, 256)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        layer(x)
+    ops = {e.key for e in prof.key_averages()}
+    kernel = "aten::_weight_int8pack_mm" if scheme == "int8" else "aten::_weight_int4pack_mm_for_cpu"
+    assert kernel in ops, ops
+    assert not ops & {"aten::mm", "aten::addmm", "aten::linear", "aten::matmul"}, ops
+    # nothing the size of a float weight is allocated: at most the output and small temporaries
+    biggest = max(e.cpu_memory_usage for e in prof.key_averages())
+    assert biggest < 256 * 512 * 4 / 8, biggest
+
+
+@pytest.mark.parametrize("build", [gpt2, lambda: Llama(LlamaConfig(dim=64, n_layers=1, n_heads=4, vocab_size=100,
+                                                                   max_seq_len=32, hidden_dim=128,
+                                                                   tie_embeddings=True))])
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_a_tied_head_and_embedding_stay_one_quantized_weight(build, scheme):
+    model = quantize(build(), scheme, 32)
+    embedding = next(m for m in model.modules() if isinstance(m, QuantizedEmbedding))
+    assert embedding.head[0] is model.lm_head
+    idx = torch.tensor([[3, 7, 99]])
+    assert torch.equal(embedding(idx)[0], model.lm_head.dequantized()[idx[0]])
+    assert not [k for k in model.state_dict() if "wte" in k or "embed_tokens" in k]  # stored once, as the head
+
+
+def test_an_untied_embedding_stays_as_it_was():
+    model = quantize(llama(), "int8")
+    assert type(model.model.embed_tokens) is nn.Embedding
+
+
+def test_quantized_weights_are_smaller_and_the_bytes_read_a_token_count_the_kernels_layout():
+    model = gpt2()
+    before = read_bytes_per_token(model)
+    q8, q4 = quantize(copy.deepcopy(model), "int8"), quantize(copy.deepcopy(model), "int4", 32)
+    linear_weights = sum(m.weight.numel() for m in model.modules() if type(m) is nn.Linear)
+    assert read_bytes_per_token(q8) < 0.3 * before and weight_bytes(q8) < weight_bytes(model)
+    assert read_bytes_per_token(q4) < read_bytes_per_token(q8)
+    assert read_bytes_per_token(q4) >= linear_weights / 2  # half a byte a weight, plus scales and zero points
+
+
+@pytest.mark.parametrize("precision", [torch.float32, torch.bfloat16])
+def test_moving_and_casting_repack_the_kernel_layout(precision):
+    model = quantize(llama(), "int4", 32).to(precision)
+    x = torch.randint(0, 100, (2, 9))
+    layer = model.model.layers[0].mlp.down_proj
+    assert layer.scales_and_zeros.dtype == precision
+    reference = copy.deepcopy(model).float()
+    assert (model(x)[0].float() - reference(x)[0]).abs().max() < (1e-5 if precision == torch.float32 else 0.05)
+
+
+def test_a_saved_quantized_model_loads_without_quantizing_again(tmp_path):
+    source = load_source(STORIES)
+    source.place("cpu", "fp32", "int8")
+    path = tmp_path / "stories.int8.safetensors"
+    source.save_quantized(path)
+    loaded = load_source(str(path))
+    loaded.place("cpu", "fp32")
+    assert loaded.model.quantization == {"scheme": "int8", "group_size": None}
+    for (name, a), b in zip(source.model.state_dict().items(), loaded.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    x = torch.randint(0, 512, (1, 12))
+    assert torch.equal(loaded.model(x)[0], source.model(x)[0])
+    assert loaded.tokenizer.encode("Once upon a time") == source.tokenizer.encode("Once upon a time")
+    with pytest.raises(ConfigError, match="already quantized to int8"):
+        load_source(str(path)).place("cpu", "fp32", "int4")
+
+
+def test_a_saved_int4_gpt2_loads_with_its_tied_embedding(tmp_path):
+    from gptexp.data.tokenizers import gpt2_tokenizer
+    from gptexp.sources import Source
+
+    source = Source(GPT2(GPT2Config(block_size=32, vocab_size=50257, n_layer=1, n_head=2, n_embd=64)).eval(),
+                    gpt2_tokenizer(), "a tiny GPT-2")
+    source.place("cpu", "bf16", "int4", 64)
+    source.save_quantized(tmp_path / "m.safetensors")
+    loaded = load_source(str(tmp_path / "m.safetensors")).model
+    assert loaded.transformer.wte.head[0] is loaded.lm_head
+    x = torch.randint(0, 50257, (1, 8))
+    assert torch.equal(loaded(x)[0], source.model(x)[0]) and loaded(x)[0].dtype == torch.bfloat16
+
+
+def test_quantizing_logs_its_time_and_sizes(caplog):
+    with caplog.at_level("INFO", logger="gptexp.models.quantize"):
+        quantize(gpt2(), "int4", 32)
+    assert "quantized 9 linear layers to int4 (groups of 32) in" in caplog.text and "MB ->" in caplog.text
+
+
+def run(command: str, arguments: list[str], monkeypatch) -> None:
+    """python -m gptexp <command> ..., in this process (a subprocess would spend seconds importing)."""
+    monkeypatch.setattr(sys, "argv", [command, *arguments])
+    runpy.run_module(f"gptexp.commands.{command}", run_name="__main__")
+
+
+def test_sample_and_evaluate_take_quantize_and_export_writes_a_file_they_read(tmp_path, monkeypatch):
+    greedy = ["temperature=0", "max_new_tokens=20", "prompt=Once upon a time"]
+    run("sample", [f"source={STORIES}", "quantize=int8", *greedy, f"hydra.run.dir={tmp_path / 's'}"], monkeypatch)
+    text = json.loads((tmp_path / "s" / "samples.jsonl").read_text())["completion"]
+    run("export", ["format=quantized", "quantize=int8", f"source={STORIES}", f"output={tmp_path / 'q.safetensors'}"],
+        monkeypatch)
+    run("sample", [f"source={tmp_path / 'q.safetensors'}", *greedy, f"hydra.run.dir={tmp_path / 't'}"], monkeypatch)
+    assert json.loads((tmp_path / "t" / "samples.jsonl").read_text())["completion"] == text
+    story = Path(asset_path("tinystories_sample.txt")).read_text()[:4000]
+    (tmp_path / "story.txt").write_text(story)
+    run("evaluate", [f"source={tmp_path / 'q.safetensors'}", f"text={tmp_path / 'story.txt'}", "logger=none",
+                     f"hydra.run.dir={tmp_path / 'e'}"], monkeypatch)
+    results = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert results["quantize"] == "int8" and 1 < results["perplexity"] < 20, results
+
+
+@pytest.mark.parametrize("command, arguments, messages", [
+    ("sample", ["quantize=int3"], ["quantize='int3': choose int8 or int4"]),
+    ("sample", ["quantize=int4", "quantize_group_size=48"], ["quantize_group_size=48: the int4 kernels take groups of 32"]),
+    ("sample", ["quantize=int4"], ["layer model.layers.0.self_attn.q_proj has 64 inputs, which groups of 128 do not "
+                                   "divide", "choose a quantize_group_size that divides it"]),
+    ("evaluate", ["quantize=int3"], ["quantize='int3': choose int8 or int4"]),
+    ("export", ["format=quantized", "output=q.safetensors"], ["format=quantized needs quantize=int8 or quantize=int4"]),
+    ("export", ["format=quantized", "quantize=int8", "output=q.bin"], ["a quantized model is one .safetensors file"]),
+])
+def test_bad_quantize_settings_are_one_line(command, arguments, messages, tmp_path, monkeypatch, capfd):
+    monkeypatch.chdir(tmp_path)
+    run_dir = [] if command == "export" else [f"hydra.run.dir={tmp_path / 'run'}"]  # export writes only its output
+    status, stderr = in_process(command, [f"source={STORIES}", *arguments, *run_dir], monkeypatch, capfd)
+    assert status == 2
+    one_line_error(stderr, messages)
+    assert list(tmp_path.iterdir()) == []

@@ -17,6 +17,7 @@ from gptexp.cli import OUR_FULL_ERROR
 from gptexp.config import asset_path
 from gptexp.data.tokenizers import GPT2_EOT
 from gptexp.models import Llama
+from gptexp.models.quantize import QuantizedLinear
 from gptexp.sources import load_source
 
 lm_eval = pytest.importorskip("lm_eval")
@@ -165,6 +166,19 @@ def test_every_request_is_answered_as_the_harness_hf_backend_answers_it(model, r
     assert_same(metrics(ours), metrics(reference), "metrics")
     if add_bos_token is None:
         assert metrics(reference)["toy_gen"]["exact_match"] == 1.0  # HF's own greedy text, written again
+
+
+def test_a_quantized_source_is_scored_within_its_quantization_error(model, reference):
+    """quantize=int8 through the adapter: the same requests answered, the perplexity task within 1% of the float
+    model's, and the products read int8 weights."""
+    directory, _, manager = model
+    source = load_source(str(directory))
+    source.place("cpu", "fp32", "int8")
+    assert any(isinstance(m, QuantizedLinear) for m in source.model.modules())
+    ours = metrics(harness(GptexpLM(source), manager))
+    assert ours.keys() == metrics(reference).keys()
+    for name, value in metrics(reference)["toy_ppl"].items():
+        assert ours["toy_ppl"][name] == pytest.approx(value, rel=0.01), name
 
 
 def test_the_command_reports_the_harness_numbers_and_its_settings(model, reference, tmp_path, monkeypatch):

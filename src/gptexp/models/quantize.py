@@ -2,9 +2,10 @@
 
 int8 keeps one scale per output channel (w = q · s, q in [-127, 127]); int4 keeps a scale and a zero point per
 group of `group_size` input weights of an output channel (w = (q - 8) · s + z, q in [0, 15]). Activations,
-norms, biases and the KV cache stay in the model's dtype. Products run through ATen's weight-only kernels,
-which read the packed weights themselves (`_weight_int8pack_mm`; `_weight_int4pack_mm_for_cpu` on a CPU,
-`_weight_int4pack_mm` on CUDA): no call ever rebuilds a float weight. The state dict holds the quantized values in
+norms, biases and the KV cache stay in the model's dtype. Products read the packed weights themselves, and no
+call ever rebuilds a float weight: int8 on a CPU through gptexp's own kernel (gptexp.models.kernels: 2x ATen's
+at one row), else ATen's weight-only kernels (`_weight_int8pack_mm`; `_weight_int4pack_mm_for_cpu` on a CPU,
+`_weight_int4pack_mm` on CUDA). The state dict holds the quantized values in
 a plain layout (int8 rows; int4 as two values a byte, the even column in the high nibble), the same on every
 device; each int4 layer repacks them into its device's kernel layout when it is built or moved.
 
@@ -22,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptexp.config import ConfigError
+from gptexp.models import kernels
 
 log = logging.getLogger(__name__)
 
@@ -155,13 +157,16 @@ class QuantizedLinear(nn.Module):
 
     def pack(self) -> None:
         """int4: the values in the kernel layout of the device they are on (buffers kept out of the state dict)."""
-        if self.scheme != "int4" or self.qweight.is_meta:  # int8 reads its values as they are; a skeleton has none
+        if self.qweight.is_meta:  # a skeleton: nothing to pack yet
             return
-        scales_and_zeros = torch.stack([self.scales, self.zeros], dim=-1).transpose(0, 1).contiguous()
+        if self.scheme == "int8":  # the values as they are; gptexp's CPU kernel reads float32 scales
+            self.register_buffer("scales32", self.scales.float().contiguous(), persistent=False)
+            return
+        # both kernels multiply bf16 (ATen's float32 int4 CPU kernel takes ~30x as long: docs/benchmarks.md)
+        scales_and_zeros = torch.stack([self.scales, self.zeros], dim=-1).transpose(0, 1).bfloat16().contiguous()
         if self.qweight.device.type == "cuda":
             inner_k_tiles = next(t for t in (8, 4, 2) if self.in_features % (t * 16) == 0)
             packed = torch.ops.aten._convert_weight_to_int4pack(self.qweight, inner_k_tiles)
-            scales_and_zeros = scales_and_zeros.bfloat16()  # the CUDA kernel multiplies bf16
         else:
             values = self.int4_values()
             rows = -values.size(0) % CPU_INT4_ROWS
@@ -179,22 +184,35 @@ class QuantizedLinear(nn.Module):
 
     def kernel_tensors(self) -> list[torch.Tensor]:
         """What a product reads: the packed weight and its scales (and zero points), and the bias."""
-        tensors = [self.qweight, self.scales] if self.scheme == "int8" else [self.packed, self.scales_and_zeros]
+        tensors = [self.qweight, self.scales32] if self.scheme == "int8" else [self.packed, self.scales_and_zeros]
         return tensors + ([] if self.bias is None else [self.bias])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if self.scheme == "int8":
+        if self.scheme == "int8" and (kernel := self.cpu_kernel(rows)):
+            rows, y = rows.contiguous(), rows.new_empty(rows.size(0), self.out_features)
+            bf16 = rows.dtype == torch.bfloat16
+            if kernel(rows.data_ptr(), bf16, rows.size(0), self.in_features, self.qweight.data_ptr(),
+                      self.scales32.data_ptr(), self.out_features, y.data_ptr(), bf16, torch.get_num_threads()):
+                raise MemoryError(f"no memory for a {tuple(rows.shape)} float32 copy of the input")
+        elif self.scheme == "int8":
             y = torch.ops.aten._weight_int8pack_mm(rows, self.qweight, self.scales.to(rows.dtype))
         elif rows.device.type == "cuda":
             y = torch.ops.aten._weight_int4pack_mm(rows.bfloat16(), self.packed, self.group_size,
                                                    self.scales_and_zeros).to(rows.dtype)
         else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows.to(self.scales_and_zeros.dtype), self.packed,
-                                                           self.group_size, self.scales_and_zeros)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows.bfloat16(), self.packed, self.group_size,
+                                                           self.scales_and_zeros)
             y = y[:, :self.out_features].to(rows.dtype)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
+
+    def cpu_kernel(self, rows: torch.Tensor):
+        """gptexp's compiled int8 product for these rows (float32 or bf16 on a CPU, a width it takes), or None."""
+        if (rows.device.type != "cpu" or rows.dtype not in (torch.float32, torch.bfloat16)
+                or self.in_features % kernels.K_MULTIPLE):
+            return None
+        return kernels.int8_matmul()
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.scheme == "int4" else ""

@@ -1,0 +1,65 @@
+"""CPU kernels gptexp compiles itself: a C file, the machine's C compiler, loaded with ctypes.
+
+`int8_matmul()` is woq_cpu.c's weight-only int8 product, built on first use with `cc -O3 -march=native -fopenmp`
+for this CPU and kept in gptexp's cache (one file per source, compiler and CPU); None where there is no compiler,
+the build fails, or GPTEXP_KERNELS=0 asks for ATen's kernels instead. Nothing else depends on it: without it the
+products run through ATen.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+from gptexp.config import CACHE_DIR
+from gptexp.hardware import cpu_name
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).with_name("woq_cpu.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+K_MULTIPLE = 64  # the kernel's input width comes in blocks of 64
+
+
+@cache
+def int8_matmul():
+    """The C function woq_int8_matmul (see woq_cpu.c), or None."""
+    if os.environ.get("GPTEXP_KERNELS") == "0":
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        log.info("no C compiler: int8 products run through ATen's kernel")
+        return None
+    try:
+        library = ctypes.CDLL(str(_built(compiler)))
+    except (OSError, subprocess.CalledProcessError) as error:
+        log.warning("int8 products run through ATen's kernel: building %s failed (%s)", SOURCE.name,
+                    getattr(error, "stderr", None) or error)
+        return None
+    function = library.woq_int8_matmul
+    pointer, size, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    function.argtypes = [pointer, flag, size, size, pointer, pointer, size, pointer, flag, flag]
+    function.restype = flag
+    return function
+
+
+def _built(compiler: str) -> Path:
+    """The shared library for this source, compiler and CPU: compiled once, then reused."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), *FLAGS, version, cpu_name()]).encode()).hexdigest()[:16]
+    path = Path(os.environ.get("GPTEXP_CACHE", CACHE_DIR)).expanduser() / "kernels" / f"woq_cpu-{key}.so"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent) as scratch:  # renamed into place whole: no half a library
+            built = Path(scratch) / path.name
+            subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE)], check=True, capture_output=True,
+                           text=True)
+            os.replace(built, path)
+        log.info("built %s for this CPU (%s)", path, compiler)
+    return path

@@ -1,0 +1,117 @@
+/* Weight-only int8 products on a CPU: y (M, N) = x (M, K) @ W^T with W[n, k] = w[n, k] * scales[n], w (N, K) int8,
+ * reading the int8 weights once; no float copy of W is ever made. x and y are float32 or bf16 (bf16: 1). Built by
+ * gptexp.models.kernels (cc -O3 -march=native -fopenmp) on first use.
+ *
+ * Each thread takes a contiguous block of output channels, so it streams one run of weights from memory. A weight
+ * vector, once widened to float32, serves up to ROWS rows of x; each row keeps four independent sums, so the loop
+ * runs at the memory's pace rather than at the latency of one chain of FMAs (GPT-2 124M's weights at 96% of this
+ * machine's streaming rate for one row; docs/benchmarks.md, "Quantized decoding"). Without AVX-512 the same sums
+ * run as plain loops.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define ROWS 4
+#define MANY_ROWS 8
+
+static inline float from_bf16(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t to_bf16(float f) { /* round to nearest even, as torch does; NaN stays NaN */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+
+static inline __m512 widen(const int8_t *p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p))); }
+
+/* rows (<= ROWS) dot products of one weight row with rows of x; K a multiple of 64 */
+static void row_dots(const int8_t *wn, const float *x, int64_t K, int rows, float *out) {
+    __m512 acc[ROWS][4];
+    for (int m = 0; m < ROWS; m++)
+        for (int i = 0; i < 4; i++) acc[m][i] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 64) {
+        __m512 w0 = widen(wn + k), w1 = widen(wn + k + 16), w2 = widen(wn + k + 32), w3 = widen(wn + k + 48);
+        for (int m = 0; m < rows; m++) {
+            const float *xm = x + m * K + k;
+            acc[m][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xm), acc[m][0]);
+            acc[m][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xm + 16), acc[m][1]);
+            acc[m][2] = _mm512_fmadd_ps(w2, _mm512_loadu_ps(xm + 32), acc[m][2]);
+            acc[m][3] = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xm + 48), acc[m][3]);
+        }
+    }
+    for (int m = 0; m < rows; m++)
+        out[m] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]), _mm512_add_ps(acc[m][2], acc[m][3])));
+}
+
+/* rows (<= MANY_ROWS) dot products, one sum a row: the rows' chains of FMAs interleave */
+static void many_row_dots(const int8_t *wn, const float *x, int64_t K, int rows, float *out) {
+    __m512 acc[MANY_ROWS];
+    for (int m = 0; m < MANY_ROWS; m++) acc[m] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 64) {
+        __m512 w0 = widen(wn + k), w1 = widen(wn + k + 16), w2 = widen(wn + k + 32), w3 = widen(wn + k + 48);
+        for (int m = 0; m < rows; m++) {
+            const float *xm = x + m * K + k;
+            __m512 a = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xm), _mm512_mul_ps(w1, _mm512_loadu_ps(xm + 16)));
+            __m512 b = _mm512_fmadd_ps(w2, _mm512_loadu_ps(xm + 32), _mm512_mul_ps(w3, _mm512_loadu_ps(xm + 48)));
+            acc[m] = _mm512_add_ps(acc[m], _mm512_add_ps(a, b));
+        }
+    }
+    for (int m = 0; m < rows; m++) out[m] = _mm512_reduce_add_ps(acc[m]);
+}
+#else
+static void row_dots(const int8_t *wn, const float *x, int64_t K, int rows, float *out) {
+    for (int m = 0; m < rows; m++) {
+        float sum = 0;
+        for (int64_t k = 0; k < K; k++) sum += wn[k] * x[m * K + k];
+        out[m] = sum;
+    }
+}
+
+static void many_row_dots(const int8_t *wn, const float *x, int64_t K, int rows, float *out) {
+    row_dots(wn, x, K, rows, out);
+}
+#endif
+
+/* The product; threads: how many the work is shared among (torch's own number). Returns 0, or 1 when out of memory. */
+int woq_int8_matmul(const void *x, int x_bf16, int64_t M, int64_t K, const int8_t *w, const float *scales,
+                    int64_t N, void *y, int y_bf16, int threads) {
+    const float *xf = x;
+    float *buffer = NULL;
+    if (x_bf16) {
+        buffer = malloc(M * K * sizeof(float));
+        if (!buffer) return 1;
+        for (int64_t i = 0; i < M * K; i++) buffer[i] = from_bf16(((const uint16_t *)x)[i]);
+        xf = buffer;
+    }
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n++) {
+        float out[MANY_ROWS];
+        const int tile = M < ROWS ? ROWS : MANY_ROWS;
+        for (int64_t m = 0; m < M; m += tile) {
+            int rows = M - m < tile ? (int)(M - m) : tile;
+            if (tile == ROWS)
+                row_dots(w + n * K, xf + m * K, K, rows, out);
+            else
+                many_row_dots(w + n * K, xf + m * K, K, rows, out);
+            for (int r = 0; r < rows; r++) {
+                float value = scales[n] * out[r];
+                if (y_bf16)
+                    ((uint16_t *)y)[(m + r) * N + n] = to_bf16(value);
+                else
+                    ((float *)y)[(m + r) * N + n] = value;
+            }
+        }
+    }
+    free(buffer);
+    return 0;
+}

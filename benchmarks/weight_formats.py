@@ -40,7 +40,7 @@ def formats(group_sizes: list[int]) -> list[tuple[str, str, str | None, int]]:
 
 
 def evaluate_cfg(source: str, data: str, precision: str, quantize: str | None, group_size: int, out: str):
-    overrides = [f"source={source}", f"data={data}", f"precision={precision}", f"quantize_group_size={group_size}",
+    overrides = [f"source={source}", *f"data={data}".split(), f"precision={precision}", f"quantize_group_size={group_size}",
                  "logger=none", f"output_dir={out}"]
     if quantize:
         overrides.append(f"quantize={quantize}")
@@ -60,7 +60,8 @@ def main() -> None:
     parser.add_argument("--group-sizes", type=int, nargs="+", default=[32, 64, 128, 256])
     args = parser.parse_args()
     out = tempfile.mkdtemp()
-    for source, data in ((args.gpt2_run, "shakespeare"), (str(asset_path("stories260K/stories260K.bin")), "tinystories")):
+    for source, data in ((args.gpt2_run, "shakespeare"),
+                         (str(asset_path("stories260K/stories260K.bin")), "tinystories data.source=bundled")):
         print(f"\n{source} on data={data}, split val (perplexity by `python -m gptexp evaluate`; greedy "
               f"{args.prompts} x {args.new_tokens} tokens against fp32's)\n")
         print("| format | weights read a token | nats/token | perplexity | vs fp32 | greedy tokens equal |")

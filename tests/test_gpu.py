@@ -1,5 +1,6 @@
 """CUDA paths: run on a GPU machine, skipped cleanly elsewhere (see conftest.py)."""
 
+import copy
 import csv
 import json
 import math
@@ -354,3 +355,23 @@ def test_train_py_compiled_validates_by_chunks_as_eager_does(tmp_path):
     assert len(compiled) == 2 and all(math.isfinite(v) for v in compiled) and compiled[1] < compiled[0]
     assert all(abs(a - b) <= 0.02 for a, b in zip(eager, compiled)), (eager, compiled)
     assert (tmp_path / "compiled" / "samples.md").read_text().count("## after") >= 2
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_models_decode_on_cuda_as_their_dequantized_weights_do(scheme):
+    """ATen's CUDA kernels (int8: _weight_int8pack_mm; int4: tinygemm's _weight_int4pack_mm, bf16) against the
+    float model holding the dequantized weights, and the CPU's greedy tokens."""
+    from gptexp.models.quantize import QuantizedLinear, quantize
+
+    model = quantize(tiny_gpt2(), scheme, 32)
+    cuda = copy.deepcopy(model).cuda().to(torch.bfloat16)
+    reference = tiny_gpt2()
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, QuantizedLinear):
+                reference.get_submodule(name).weight.copy_(module.dequantized())
+    x = torch.randint(0, 97, (2, 20))
+    logits = cuda(x.cuda())[0].float().cpu()
+    assert (logits - reference(x)[0]).abs().max().item() < 0.05  # bf16 activations
+    prompt = torch.randint(0, 97, (1, 5))
+    assert (cuda.generate(prompt.cuda(), 20, temperature=0).cpu() == model.generate(prompt, 20, temperature=0)).float().mean() > 0.8

@@ -68,12 +68,14 @@ def test_int4_products_round_only_their_inputs_to_bf16():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 3, 8, 13])
-def test_gptexps_int8_kernel_equals_atens(dtype, rows):
-    layer = QuantizedLinear.from_linear(nn.Linear(192, 70), "int8").to(dtype)
-    x = torch.randn(rows, 192, dtype=dtype)
+@pytest.mark.parametrize("rows", [1, 3, 8, 13, 300])
+@pytest.mark.parametrize("width", [192, 172])  # 172: stories260K's hidden width, no multiple of 64
+def test_gptexps_int8_kernel_equals_atens(dtype, rows, width):
+    layer = QuantizedLinear.from_linear(nn.Linear(width, 70), "int8").to(dtype)
+    x = torch.randn(rows, width, dtype=dtype)
     assert layer.cpu_kernel(x) is not None  # this machine builds it (a C compiler is at hand)
-    aten = torch.ops.aten._weight_int8pack_mm(x, layer.qweight, layer.scales) + layer.bias
+    # ATen in float32 (its bf16 kernel reads past rows of 172), on the same bf16-rounded scales
+    aten = (torch.ops.aten._weight_int8pack_mm(x.float(), layer.qweight, layer.scales.float()) + layer.bias).to(dtype)
     # float32: the same sums in another order; bf16: one rounding of the output either way
     assert (layer(x).float() - aten.float()).abs().max().item() <= (1e-5 if dtype == torch.float32 else
                                                                    2e-2 * aten.abs().max().item())
@@ -226,3 +228,15 @@ def test_bad_quantize_settings_are_one_line(command, arguments, messages, tmp_pa
     assert status == 2
     one_line_error(stderr, messages)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("width", [192, 172])
+def test_without_a_compiler_int8_runs_through_atens_kernel(width, monkeypatch):
+    from gptexp.models import kernels
+
+    layer = QuantizedLinear.from_linear(nn.Linear(width, 70), "int8").to(torch.bfloat16)
+    x = torch.randn(5, width, dtype=torch.bfloat16)
+    ours = layer(x)
+    monkeypatch.setattr(kernels, "int8_matmul", lambda: None)
+    assert layer.cpu_kernel(x) is None
+    assert (layer(x).float() - ours.float()).abs().max().item() <= 2e-2 * ours.abs().max().item()

@@ -89,6 +89,8 @@ def test_prompt_lookup_proposes_what_followed_the_latest_occurrence_of_the_longe
     assert _latest_continuation(row, 3, 2) == [7, 8]  # "2 3" last seen before 7 8 (no earlier "5 2 3")
     assert _latest_continuation([4, 5, 6], 3, 4) == []
     assert _latest_continuation([4, 5, 4], 2, 4) == [5, 4]  # a unigram found, proposals run to the end
+    # in a run of one token the latest occurrence has one token after it; an earlier one has k
+    assert _latest_continuation([1, 9, 9, 9, 9, 9, 9], 2, 3) == [9, 9, 9]
 
 
 def test_the_accept_resample_rule_draws_from_the_models_distribution():

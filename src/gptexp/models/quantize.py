@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 SCHEMES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)
 DEFAULT_GROUP_SIZE = 128  # int4: chosen by the perplexity it costs (docs/benchmarks.md, "Quantized decoding")
-CPU_INT4_ROWS = 16  # the CPU int4 kernel packs output channels in blocks of 16
+INT4_ROWS = 16  # the int4 kernels take output channels in blocks (CPU: of 16, CUDA: of 8)
 
 
 def check(scheme: str | None, group_size: int = DEFAULT_GROUP_SIZE) -> None:
@@ -163,17 +163,14 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("scales32", self.scales.float().contiguous(), persistent=False)
             return
         # both kernels multiply bf16 (ATen's float32 int4 CPU kernel takes ~30x as long: docs/benchmarks.md)
-        scales_and_zeros = torch.stack([self.scales, self.zeros], dim=-1).transpose(0, 1).bfloat16().contiguous()
+        scales_and_zeros = torch.stack([self.scales, self.zeros], dim=-1).transpose(0, 1).bfloat16()
+        rows = -self.out_features % INT4_ROWS  # padding channels, cut from the output
+        scales_and_zeros = F.pad(scales_and_zeros, (0, 0, 0, rows)).contiguous()
         if self.qweight.device.type == "cuda":
             inner_k_tiles = next(t for t in (8, 4, 2) if self.in_features % (t * 16) == 0)
-            packed = torch.ops.aten._convert_weight_to_int4pack(self.qweight, inner_k_tiles)
+            packed = torch.ops.aten._convert_weight_to_int4pack(F.pad(self.qweight, (0, 0, 0, rows)), inner_k_tiles)
         else:
-            values = self.int4_values()
-            rows = -values.size(0) % CPU_INT4_ROWS
-            if rows:
-                values = F.pad(values, (0, 0, 0, rows))
-                scales_and_zeros = F.pad(scales_and_zeros, (0, 0, 0, rows))
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 1)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(F.pad(self.int4_values(), (0, 0, 0, rows)), 1)
         self.register_buffer("packed", packed, persistent=False)
         self.register_buffer("scales_and_zeros", scales_and_zeros, persistent=False)
 
@@ -195,22 +192,23 @@ class QuantizedLinear(nn.Module):
             if kernel(rows.data_ptr(), bf16, rows.size(0), self.in_features, self.qweight.data_ptr(),
                       self.scales32.data_ptr(), self.out_features, y.data_ptr(), bf16, torch.get_num_threads()):
                 raise MemoryError(f"no memory for a {tuple(rows.shape)} float32 copy of the input")
+        elif self.scheme == "int8" and rows.dtype == torch.bfloat16 and self.in_features % 64:
+            # ATen's bf16 CPU kernel reads past a row whose width is no multiple of 64 (a segfault in torch 2.13)
+            y = torch.ops.aten._weight_int8pack_mm(rows.float(), self.qweight, self.scales32).to(rows.dtype)
         elif self.scheme == "int8":
             y = torch.ops.aten._weight_int8pack_mm(rows, self.qweight, self.scales.to(rows.dtype))
         elif rows.device.type == "cuda":
             y = torch.ops.aten._weight_int4pack_mm(rows.bfloat16(), self.packed, self.group_size,
-                                                   self.scales_and_zeros).to(rows.dtype)
+                                                   self.scales_and_zeros)[:, :self.out_features].to(rows.dtype)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows.bfloat16(), self.packed, self.group_size,
-                                                           self.scales_and_zeros)
-            y = y[:, :self.out_features].to(rows.dtype)
+                                                           self.scales_and_zeros)[:, :self.out_features].to(rows.dtype)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
     def cpu_kernel(self, rows: torch.Tensor):
         """gptexp's compiled int8 product for these rows (float32 or bf16 on a CPU, a width it takes), or None."""
-        if (rows.device.type != "cpu" or rows.dtype not in (torch.float32, torch.bfloat16)
-                or self.in_features % kernels.K_MULTIPLE):
+        if rows.device.type != "cpu" or rows.dtype not in (torch.float32, torch.bfloat16):
             return None
         return kernels.int8_matmul()
 

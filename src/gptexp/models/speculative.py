@@ -93,7 +93,7 @@ class DraftModel(Proposer):
 
 class NgramProposer(Proposer):
     """Prompt lookup: for each row, the k tokens that followed the latest earlier occurrence of its last n tokens
-    (n from `ngram_size` down to 1); a row without one proposes nothing that step."""
+    with k tokens after it (n from `ngram_size` down to 1); a row without one proposes nothing that step."""
 
     def __init__(self, ngram_size: int = 3, tokens: int = 4):
         self.ngram_size, self.tokens = ngram_size, tokens
@@ -114,12 +114,18 @@ class NgramProposer(Proposer):
 
 
 def _latest_continuation(row: list[int], ngram_size: int, k: int) -> list[int]:
-    """Up to k tokens that followed the latest earlier occurrence of row's last n tokens, the longest n first."""
+    """Up to k tokens that followed an earlier occurrence of row's last n tokens, the longest n first: the latest
+    occurrence with k tokens after it, else the one with the most (an occurrence just before the tail has few)."""
     for n in range(min(ngram_size, len(row) - 1), 0, -1):
-        tail = row[-n:]
+        tail, best = row[-n:], []
         for start in range(len(row) - n - 1, -1, -1):  # latest first, the tail itself excluded
             if row[start:start + n] == tail:
-                return row[start + n:start + n + k]
+                found = row[start + n:start + n + k]
+                if len(found) == k:
+                    return found
+                best = max(best, found, key=len)
+        if best:
+            return best
     return []
 
 

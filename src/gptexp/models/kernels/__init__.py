@@ -24,7 +24,6 @@ from gptexp.hardware import cpu_name
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("woq_cpu.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-K_MULTIPLE = 64  # the kernel's input width comes in blocks of 64
 
 
 @cache

@@ -14,6 +14,7 @@
 
 #define ROWS 4
 #define MANY_ROWS 8
+#define BLOCK_ROWS 256
 
 static inline float from_bf16(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -29,17 +30,25 @@ static inline uint16_t to_bf16(float f) { /* round to nearest even, as torch doe
     return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
 }
 
+/* the dot product of columns [start, K) of one weight row and one row of x */
+static inline float tail_dot(const int8_t *wn, const float *x, int64_t start, int64_t K) {
+    float sum = 0;
+    for (int64_t k = start; k < K; k++) sum += wn[k] * x[k];
+    return sum;
+}
+
 #ifdef __AVX512F__
 #include <immintrin.h>
 
 static inline __m512 widen(const int8_t *p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p))); }
 
-/* rows (<= ROWS) dot products of one weight row with rows of x; K a multiple of 64 */
+/* rows (<= ROWS) dot products of one weight row with rows of x */
 static void row_dots(const int8_t *wn, const float *x, int64_t K, int rows, float *out) {
     __m512 acc[ROWS][4];
     for (int m = 0; m < ROWS; m++)
         for (int i = 0; i < 4; i++) acc[m][i] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 64) {
+    const int64_t whole = K - K % 64;
+    for (int64_t k = 0; k < whole; k += 64) {
         __m512 w0 = widen(wn + k), w1 = widen(wn + k + 16), w2 = widen(wn + k + 32), w3 = widen(wn + k + 48);
         for (int m = 0; m < rows; m++) {
             const float *xm = x + m * K + k;
@@ -50,14 +59,16 @@ static void row_dots(const int8_t *wn, const float *x, int64_t K, int rows, floa
         }
     }
     for (int m = 0; m < rows; m++)
-        out[m] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]), _mm512_add_ps(acc[m][2], acc[m][3])));
+        out[m] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]), _mm512_add_ps(acc[m][2], acc[m][3])))
+                 + tail_dot(wn, x + m * K, whole, K);
 }
 
 /* rows (<= MANY_ROWS) dot products, one sum a row: the rows' chains of FMAs interleave */
 static void many_row_dots(const int8_t *wn, const float *x, int64_t K, int rows, float *out) {
     __m512 acc[MANY_ROWS];
     for (int m = 0; m < MANY_ROWS; m++) acc[m] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 64) {
+    const int64_t whole = K - K % 64;
+    for (int64_t k = 0; k < whole; k += 64) {
         __m512 w0 = widen(wn + k), w1 = widen(wn + k + 16), w2 = widen(wn + k + 32), w3 = widen(wn + k + 48);
         for (int m = 0; m < rows; m++) {
             const float *xm = x + m * K + k;
@@ -66,15 +77,11 @@ static void many_row_dots(const int8_t *wn, const float *x, int64_t K, int rows,
             acc[m] = _mm512_add_ps(acc[m], _mm512_add_ps(a, b));
         }
     }
-    for (int m = 0; m < rows; m++) out[m] = _mm512_reduce_add_ps(acc[m]);
+    for (int m = 0; m < rows; m++) out[m] = _mm512_reduce_add_ps(acc[m]) + tail_dot(wn, x + m * K, whole, K);
 }
 #else
 static void row_dots(const int8_t *wn, const float *x, int64_t K, int rows, float *out) {
-    for (int m = 0; m < rows; m++) {
-        float sum = 0;
-        for (int64_t k = 0; k < K; k++) sum += wn[k] * x[m * K + k];
-        out[m] = sum;
-    }
+    for (int m = 0; m < rows; m++) out[m] = tail_dot(wn, x + m * K, 0, K);
 }
 
 static void many_row_dots(const int8_t *wn, const float *x, int64_t K, int rows, float *out) {
@@ -93,22 +100,25 @@ int woq_int8_matmul(const void *x, int x_bf16, int64_t M, int64_t K, const int8_
         for (int64_t i = 0; i < M * K; i++) buffer[i] = from_bf16(((const uint16_t *)x)[i]);
         xf = buffer;
     }
+    const int tile = M < ROWS ? ROWS : MANY_ROWS;
+    for (int64_t block = 0; block < M; block += BLOCK_ROWS) { /* rows of x that stay in the cache while W passes */
+        const int64_t end = M - block < BLOCK_ROWS ? M : block + BLOCK_ROWS;
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < N; n++) {
-        float out[MANY_ROWS];
-        const int tile = M < ROWS ? ROWS : MANY_ROWS;
-        for (int64_t m = 0; m < M; m += tile) {
-            int rows = M - m < tile ? (int)(M - m) : tile;
-            if (tile == ROWS)
-                row_dots(w + n * K, xf + m * K, K, rows, out);
-            else
-                many_row_dots(w + n * K, xf + m * K, K, rows, out);
-            for (int r = 0; r < rows; r++) {
-                float value = scales[n] * out[r];
-                if (y_bf16)
-                    ((uint16_t *)y)[(m + r) * N + n] = to_bf16(value);
+        for (int64_t n = 0; n < N; n++) {
+            float out[MANY_ROWS];
+            for (int64_t m = block; m < end; m += tile) {
+                int rows = end - m < tile ? (int)(end - m) : tile;
+                if (tile == ROWS)
+                    row_dots(w + n * K, xf + m * K, K, rows, out);
                 else
-                    ((float *)y)[(m + r) * N + n] = value;
+                    many_row_dots(w + n * K, xf + m * K, K, rows, out);
+                for (int r = 0; r < rows; r++) {
+                    float value = scales[n] * out[r];
+                    if (y_bf16)
+                        ((uint16_t *)y)[(m + r) * N + n] = to_bf16(value);
+                    else
+                        ((float *)y)[(m + r) * N + n] = value;
+                }
             }
         }
     }

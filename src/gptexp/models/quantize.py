@@ -5,9 +5,9 @@ group of `group_size` input weights of an output channel (w = (q - 8) · s + z, 
 norms, biases and the KV cache stay in the model's dtype. Products read the packed weights themselves, and no
 call ever rebuilds a float weight: int8 on a CPU through gptexp's own kernel (gptexp.models.kernels: 2x ATen's
 at one row), else ATen's weight-only kernels (`_weight_int8pack_mm`; `_weight_int4pack_mm_for_cpu` on a CPU,
-`_weight_int4pack_mm` on CUDA). The state dict holds the quantized values in
-a plain layout (int8 rows; int4 as two values a byte, the even column in the high nibble), the same on every
-device; each int4 layer repacks them into its device's kernel layout when it is built or moved.
+`_weight_int4pack_mm` on CUDA). The state dict holds the quantized values in a plain layout (int8 rows; int4 as
+two values a byte, the even column in the high nibble), the same on every device; each int4 layer repacks them
+into its device's kernel layout when it is built or moved.
 
 A tied input embedding (GPT-2's, llama2.c's small models') reads its rows from the quantized head, so the
 token a model reads and the token it writes keep one weight.

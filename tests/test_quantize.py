@@ -54,6 +54,10 @@ def test_quantized_logits_equal_the_dequantized_float_model(build, scheme, group
     # float32 activations: int8's sums in another order, nothing more (1e-5 of logits of order 1); int4's kernels
     # take bf16 inputs (test_int4_products_round_only_their_inputs_to_bf16)
     assert (quantized(x)[0] - reference).abs().max().item() < (1e-5 if scheme == "int8" else 1e-2)
+    # one token a row, as a decoding step feeds it (int4 on a CPU with AVX512-BF16: gptexp's one-row kernel)
+    one = x[:1, :1]
+    assert (quantized(one)[0] - dequantized_copy(model, quantized)(one)[0]).abs().max().item() < (
+        1e-5 if scheme == "int8" else 1e-2)
     # and the quantization error itself is small against the float model's logits
     error = (quantized(x)[0] - model(x)[0]).abs().max().item()
     assert error < (0.02 if scheme == "int8" else 0.2), error
@@ -81,6 +85,21 @@ def test_gptexps_int8_kernel_equals_atens(dtype, rows, width):
                                                                    2e-2 * aten.abs().max().item())
 
 
+@pytest.mark.parametrize("group_size", [64, 128, 256])
+def test_gptexps_int4_kernel_for_one_row_equals_atens(group_size):
+    layer = QuantizedLinear.from_linear(nn.Linear(768, 100), "int4", group_size)
+    if layer.cpu_int4_kernel() is None:
+        pytest.skip("this CPU lacks AVX512-BF16: one row runs through ATen's kernel")
+    x = torch.randn(1, 768)
+    aten = torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), layer.packed, group_size,
+                                                      layer.scales_and_zeros)[:, :100].float() + layer.bias
+    # both round x to bf16; the sums differ in order and in the precision of the scales (float32 against bf16)
+    assert (layer(x) - aten).abs().max().item() < 1e-2 * aten.abs().max().item()
+    # against exact float32 sums over x in bf16 (the zero points meet x's float32 sums: 3e-4 apart)
+    exact = x.bfloat16().float() @ layer.dequantized().t() + layer.bias
+    assert (layer(x) - exact).abs().max().item() < 1e-3 * exact.abs().max().item()
+
+
 def test_int8_is_per_output_channel_and_int4_group_wise():
     linear = nn.Linear(64, 48)
     q8 = QuantizedLinear.from_linear(linear, "int8")
@@ -98,15 +117,17 @@ def test_int8_is_per_output_channel_and_int4_group_wise():
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
-def test_the_product_reads_the_packed_weight_and_never_a_float_copy(scheme):
+@pytest.mark.parametrize("rows", [1, 4])
+def test_the_product_reads_the_packed_weight_and_never_a_float_copy(scheme, rows):
     from torch.profiler import ProfilerActivity, profile
 
     layer = QuantizedLinear.from_linear(nn.Linear(256, 512, bias=False), scheme, 64)
-    x = torch.randn(1, 256)
+    x = torch.randn(rows, 256)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         layer(x)
     ops = {e.key for e in prof.key_averages()}
-    if scheme == "int4":  # int8 runs gptexp's own kernel (test_gptexps_int8_kernel_equals_atens), outside ATen
+    # gptexp's own kernels run outside ATen (test_gptexps_int8_kernel_equals_atens, ..._int4_kernel_...)
+    if scheme == "int4" and (rows > 1 or layer.cpu_int4_kernel() is None):
         assert "aten::_weight_int4pack_mm_for_cpu" in ops, ops
     assert not ops & {"aten::mm", "aten::addmm", "aten::linear", "aten::matmul", "aten::_to_copy"} - (
         {"aten::_to_copy"} if scheme == "int4" else set()), ops  # int4: only the input is made bf16

@@ -3,8 +3,8 @@
 int8 keeps one scale per output channel (w = q · s, q in [-127, 127]); int4 keeps a scale and a zero point per
 group of `group_size` input weights of an output channel (w = (q - 8) · s + z, q in [0, 15]). Activations,
 norms, biases and the KV cache stay in the model's dtype. Products read the packed weights themselves, and no
-call ever rebuilds a float weight: int8 on a CPU through gptexp's own kernel (gptexp.models.kernels: 2x ATen's
-at one row), else ATen's weight-only kernels (`_weight_int8pack_mm`; `_weight_int4pack_mm_for_cpu` on a CPU,
+call ever rebuilds a float weight: on a CPU through gptexp's own kernels (gptexp.models.kernels: int8 at 2x ATen's
+at one row, int4 at one row with AVX512-BF16), else ATen's weight-only kernels (`_weight_int8pack_mm`; `_weight_int4pack_mm_for_cpu` on a CPU,
 `_weight_int4pack_mm` on CUDA). The state dict holds the quantized values in a plain layout (int8 rows; int4 as
 two values a byte, the even column in the high nibble), the same on every device; each int4 layer repacks them
 into its device's kernel layout when it is built or moved.
@@ -162,7 +162,9 @@ class QuantizedLinear(nn.Module):
         if self.scheme == "int8":  # the values as they are; gptexp's CPU kernel reads float32 scales
             self.register_buffer("scales32", self.scales.float().contiguous(), persistent=False)
             return
-        # both kernels multiply bf16 (ATen's float32 int4 CPU kernel takes ~30x as long: docs/benchmarks.md)
+        self.register_buffer("scales32", self.scales.float().contiguous(), persistent=False)  # gptexp's kernel's
+        self.register_buffer("zeros32", self.zeros.float().contiguous(), persistent=False)
+        # ATen's kernels multiply bf16 (its float32 int4 CPU kernel takes ~30x as long: docs/benchmarks.md)
         scales_and_zeros = torch.stack([self.scales, self.zeros], dim=-1).transpose(0, 1).bfloat16()
         rows = -self.out_features % INT4_ROWS  # padding channels, cut from the output
         scales_and_zeros = F.pad(scales_and_zeros, (0, 0, 0, rows)).contiguous()
@@ -200,6 +202,12 @@ class QuantizedLinear(nn.Module):
         elif rows.device.type == "cuda":
             y = torch.ops.aten._weight_int4pack_mm(rows.bfloat16(), self.packed, self.group_size,
                                                    self.scales_and_zeros)[:, :self.out_features].to(rows.dtype)
+        elif rows.size(0) == 1 and (kernel := self.cpu_int4_kernel()):  # a decoding step: one row
+            row, y = rows.float().contiguous(), rows.new_empty(1, self.out_features, dtype=torch.float32)
+            if kernel(row.data_ptr(), self.in_features, self.qweight.data_ptr(), self.scales32.data_ptr(),
+                      self.zeros32.data_ptr(), self.group_size, self.out_features, y.data_ptr(), torch.get_num_threads()):
+                raise MemoryError("no memory for a row's bf16 pairs")
+            y = y.to(rows.dtype)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows.bfloat16(), self.packed, self.group_size,
                                                            self.scales_and_zeros)[:, :self.out_features].to(rows.dtype)
@@ -211,6 +219,11 @@ class QuantizedLinear(nn.Module):
         if rows.device.type != "cpu" or rows.dtype not in (torch.float32, torch.bfloat16):
             return None
         return kernels.int8_matmul()
+
+    def cpu_int4_kernel(self):
+        """gptexp's compiled int4 product of one row (groups of 64 or more, a CPU with AVX512-BF16), or None; more
+        rows go to ATen's, faster there (13.6 against 19.8 ms over GPT-2 124M at 8 rows)."""
+        return kernels.int4_matvec() if self.group_size % 64 == 0 and self.qweight.device.type == "cpu" else None
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.scheme == "int4" else ""

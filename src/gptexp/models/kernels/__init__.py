@@ -1,9 +1,10 @@
 """CPU kernels gptexp compiles itself: a C file, the machine's C compiler, loaded with ctypes.
 
-`int8_matmul()` is woq_cpu.c's weight-only int8 product, built on first use with `cc -O3 -march=native -fopenmp`
-for this CPU and kept in gptexp's cache (one file per source, compiler and CPU); None where there is no compiler,
-the build fails, or GPTEXP_KERNELS=0 asks for ATen's kernels instead. Nothing else depends on it: without it the
-products run through ATen.
+`int8_matmul()` and `int4_matvec()` are woq_cpu.c's weight-only products, built on first use with `cc -O3
+-march=native -fopenmp` for this CPU and kept in gptexp's cache (one file per source, compiler and CPU); None
+where there is no compiler, the build fails, the CPU lacks what a kernel needs (int4: AVX512-BF16), or
+GPTEXP_KERNELS=0 asks for ATen's kernels instead. Nothing else depends on them: without them the products run
+through ATen.
 """
 
 from __future__ import annotations
@@ -26,26 +27,39 @@ SOURCE = Path(__file__).with_name("woq_cpu.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
 
-@cache
 def int8_matmul():
     """The C function woq_int8_matmul (see woq_cpu.c), or None."""
+    library = _library()
+    return None if library is None else library.woq_int8_matmul
+
+
+def int4_matvec():
+    """The C function woq_int4_matvec (see woq_cpu.c), or None: it needs AVX512-BF16 (with AVX512-BW)."""
+    library = _library()
+    return getattr(library, "woq_int4_matvec", None)
+
+
+@cache
+def _library():
     if os.environ.get("GPTEXP_KERNELS") == "0":
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        log.info("no C compiler: int8 products run through ATen's kernel")
+        log.info("no C compiler: products run through ATen's kernels")
         return None
     try:
         library = ctypes.CDLL(str(_built(compiler)))
     except (OSError, subprocess.CalledProcessError) as error:
-        log.warning("int8 products run through ATen's kernel: building %s failed (%s)", SOURCE.name,
+        log.warning("products run through ATen's kernels: building %s failed (%s)", SOURCE.name,
                     getattr(error, "stderr", None) or error)
         return None
-    function = library.woq_int8_matmul
     pointer, size, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    function.argtypes = [pointer, flag, size, size, pointer, pointer, size, pointer, flag, flag]
-    function.restype = flag
-    return function
+    library.woq_int8_matmul.argtypes = [pointer, flag, size, size, pointer, pointer, size, pointer, flag, flag]
+    library.woq_int8_matmul.restype = flag
+    if hasattr(library, "woq_int4_matvec"):
+        library.woq_int4_matvec.argtypes = [pointer, size, pointer, pointer, pointer, size, size, pointer, flag]
+        library.woq_int4_matvec.restype = flag
+    return library
 
 
 def _built(compiler: str) -> Path:

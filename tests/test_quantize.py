@@ -241,9 +241,19 @@ def test_sample_and_evaluate_take_quantize_and_export_writes_a_file_they_read(tm
     ("evaluate", ["quantize=int3"], ["quantize='int3': choose int8 or int4"]),
     ("export", ["format=quantized", "output=q.safetensors"], ["format=quantized needs quantize=int8 or quantize=int4"]),
     ("export", ["format=quantized", "quantize=int8", "output=q.bin"], ["a quantized model is one .safetensors file"]),
+    ("sample", ["source=<junk>"], ["junk.safetensors is not a readable safetensors file", "export format=quantized"]),
+    ("sample", ["source=<other>"], ["other.safetensors is not a quantized gptexp model"]),
 ])
 def test_bad_quantize_settings_are_one_line(command, arguments, messages, tmp_path, monkeypatch, capfd):
     monkeypatch.chdir(tmp_path)
+    files = tmp_path.parent / "files"  # outside the directory that must stay empty
+    files.mkdir(exist_ok=True)
+    (files / "junk.safetensors").write_text("junk")
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.zeros(2)}, str(files / "other.safetensors"))
+    arguments = [a.replace("<junk>", str(files / "junk.safetensors")).replace("<other>", str(files / "other.safetensors"))
+                 for a in arguments]
     run_dir = [] if command == "export" else [f"hydra.run.dir={tmp_path / 'run'}"]  # export writes only its output
     status, stderr = in_process(command, [f"source={STORIES}", *arguments, *run_dir], monkeypatch, capfd)
     assert status == 2

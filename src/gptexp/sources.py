@@ -204,11 +204,15 @@ def _from_pretrained_directory(directory: Path) -> Source:
 
 def _from_quantized(path: Path) -> Source:
     """A model `Source.save_quantized` wrote: its quantized values loaded as they are."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
-    with safe_open(str(path), "pt") as f:
-        metadata = f.metadata() or {}
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+    except SafetensorError as error:
+        raise ConfigError(f"{path} is not a readable safetensors file ({error}); export format=quantized writes "
+                          f"one gptexp reads") from None
     if metadata.get("format") != QUANTIZED_FORMAT:
         raise ConfigError(f"{path} is not a quantized gptexp model (export format=quantized writes one); for an HF "
                           f"model pass its directory")

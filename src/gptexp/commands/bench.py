@@ -4,8 +4,8 @@
 
 Training cases time forward + backward + AdamW step and report tokens/s, MFU (against the peak of the
 precision in use) and peak memory; generation cases report new tokens/s (greedy) with and without the KV
-cache, beside the bound of reading every weight once per token (and with quantize=, gptexp's int8 and int4 weights too); finetuning cases compare full training
-with LoRA (and activation checkpointing) in step time and memory. Each case runs in every precision asked
+cache, beside the bound of reading every weight once per token (with quantize=, gptexp's int8 and int4 weights
+too); finetuning cases compare full training with LoRA (and activation checkpointing) in step time and memory. Each case runs in every precision asked
 for (fp32, and bf16: autocast for training, bf16 weights for generation, for both implementations alike).
 Implementations run interleaved, one repeat of each in turn, so machine noise hits both alike; numbers are
 medians after warm-up. Writes bench.csv (one row per implementation x precision x case) and bench.png into

@@ -85,19 +85,22 @@ def test_gptexps_int8_kernel_equals_atens(dtype, rows, width):
                                                                    2e-2 * aten.abs().max().item())
 
 
-@pytest.mark.parametrize("group_size", [64, 128, 256])
-def test_gptexps_int4_kernel_for_one_row_equals_atens(group_size):
-    layer = QuantizedLinear.from_linear(nn.Linear(768, 100), "int4", group_size)
+@pytest.mark.parametrize("group_size", [32, 64, 128, 256])
+@pytest.mark.parametrize("width", [256, 768])
+def test_gptexps_int4_kernel_for_one_row_equals_atens(group_size, width):
+    layer = QuantizedLinear.from_linear(nn.Linear(width, 100), "int4", group_size)
     if layer.cpu_int4_kernel() is None:
         pytest.skip("this CPU lacks AVX512-BF16: one row runs through ATen's kernel")
-    x = torch.randn(1, 768)
+    x = torch.randn(1, width)
     aten = torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), layer.packed, group_size,
                                                       layer.scales_and_zeros)[:, :100].float() + layer.bias
-    # both round x to bf16; the sums differ in order and in the precision of the scales (float32 against bf16)
+    # both round x, the scales and the zero points to bf16; the sums differ in order (ATen's output is bf16)
     assert (layer(x) - aten).abs().max().item() < 1e-2 * aten.abs().max().item()
-    # against exact float32 sums over x in bf16 (the zero points meet x's float32 sums: 3e-4 apart)
-    exact = x.bfloat16().float() @ layer.dequantized().t() + layer.bias
-    assert (layer(x) - exact).abs().max().item() < 1e-3 * exact.abs().max().item()
+    # against exact sums (float64) over the same bf16 numbers, the zero points meeting x's own sums
+    s, z = layer.scales.bfloat16().double(), layer.zeros.bfloat16().double()
+    w = ((layer.int4_values().double().view(100, -1, group_size) - 8) * s[..., None]).flatten(1)
+    exact = x.bfloat16().double() @ w.t() + x.double().view(1, -1, group_size).sum(-1) @ z.t() + layer.bias
+    assert (layer(x) - exact).abs().max().item() < 1e-5 * exact.abs().max().item()
 
 
 def test_int8_is_per_output_channel_and_int4_group_wise():

@@ -67,6 +67,11 @@ class LanguageModel(nn.Module):
         """Training FLOPs (forward + backward) per token at this sequence length."""
         raise NotImplementedError
 
+    def fused_decode_step(self, cache: KVCache):
+        """A callable doing `self(idx, cache=cache)[0]` for one new token faster (gptexp.models.fused_step), or
+        None: decoding then runs `forward`. A model offers one by describing its blocks."""
+        return None
+
     @staticmethod
     def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy over every target that is not -1, computed in float32."""

@@ -201,11 +201,14 @@ def _decode(model, idx, max_new_tokens, temperature, top_k, top_p, use_cache, ge
                 out = torch.cat([out, column], dim=1)
                 yield column
         new = out[:, cache.length:] if cache is not None else out
+        fused = getattr(model, "fused_decode_step", lambda cache: None)(cache) if cache is not None else None
         for _ in range(max_new_tokens - (out.size(1) - idx.size(1))):
             if cache is not None and cache.length + new.size(1) > cache.max_len:
                 cache = None  # context full: from here on, recompute over a sliding window
             if cache is None:
                 logits, _ = model(out[:, -context:])
+            elif fused is not None and new.size(1) == 1:  # one token of one row: the whole step in one call
+                logits = fused(new, cache)
             else:
                 logits, _ = model(new, cache=cache)
             new = sample_next(logits[:, -1], temperature, top_k, top_p, generator)

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gptexp.models import fused_step
 from gptexp.models.base import LanguageModel
 from gptexp.models.kv_cache import KVCache, causal_attention
 from gptexp.models.pretrained import load_hf_state_dict, read_json, resolve_pretrained
@@ -136,6 +137,14 @@ class GPT2(LanguageModel):
         c, weight = self.config, self.transformer.ln_f.weight  # the activations' dtype (a quantized model's too)
         return KVCache(c.n_layer, batch, c.n_head, max_len, c.n_embd // c.n_head, dtype=weight.dtype,
                        device=weight.device, pad=pad)
+
+    def fused_decode_step(self, cache: KVCache) -> fused_step.FusedStep | None:
+        t = self.transformer
+        blocks = [fused_step.Block(b.ln_1, [b.attn.c_attn], b.attn.c_proj, b.ln_2, [b.mlp.c_fc], b.mlp.c_proj)
+                  for b in t.h]
+        return fused_step.build(cache, "gpt2", blocks, embedding=t.wte, norm=t.ln_f, head=self.lm_head,
+                                n_head=self.config.n_head, n_kv_head=self.config.n_head, eps=t.ln_f.eps,
+                                positions=t.wpe.weight)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
                 return_logits: bool = True, documents: torch.Tensor | None = None

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gptexp.models import fused_step
 from gptexp.models.base import LanguageModel
 from gptexp.models.kv_cache import KVCache, causal_attention
 from gptexp.models.llama_checkpoints import read_llama, tokenizer_file, write_hf
@@ -174,6 +175,15 @@ class Llama(LanguageModel):
         c, weight = self.config, self.model.norm.weight  # the activations' dtype (a quantized model's too)
         return KVCache(c.n_layers, batch, c.n_kv_heads, max_len, c.head_dim, dtype=weight.dtype, device=weight.device,
                        pad=pad)
+
+    def fused_decode_step(self, cache: KVCache) -> fused_step.FusedStep | None:
+        blocks = [fused_step.Block(layer.input_layernorm, [a.q_proj, a.k_proj, a.v_proj], a.o_proj,
+                                   layer.post_attention_layernorm, [m.gate_proj, m.up_proj], m.down_proj)
+                  for layer in self.model.layers for a, m in [(layer.self_attn, layer.mlp)]]
+        c = self.config
+        return fused_step.build(cache, "llama", blocks, embedding=self.model.embed_tokens, norm=self.model.norm,
+                                head=self.lm_head, n_head=c.n_heads, n_kv_head=c.n_kv_heads, eps=c.norm_eps,
+                                rotary=(self.rope_cos, self.rope_sin))
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
                 return_logits: bool = True, documents: torch.Tensor | None = None

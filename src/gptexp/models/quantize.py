@@ -162,12 +162,12 @@ class QuantizedLinear(nn.Module):
         if self.scheme == "int8":  # the values as they are; gptexp's CPU kernel reads float32 scales
             self.register_buffer("scales32", self.scales.float().contiguous(), persistent=False)
             return
-        self.register_buffer("scales32", self.scales.float().contiguous(), persistent=False)  # gptexp's kernel's
-        self.register_buffer("zeros32", self.zeros.float().contiguous(), persistent=False)
-        # ATen's kernels multiply bf16 (its float32 int4 CPU kernel takes ~30x as long: docs/benchmarks.md)
-        scales_and_zeros = torch.stack([self.scales, self.zeros], dim=-1).transpose(0, 1).bfloat16()
+        # every kernel multiplies bf16 scales and zero points (ATen's float32 int4 CPU kernel takes ~30x as long:
+        # docs/benchmarks.md); gptexp's reads them in pairs (N, groups, 2), ATen's as (groups, N, 2)
+        pairs = torch.stack([self.scales, self.zeros], dim=-1).bfloat16().contiguous()
+        self.register_buffer("scale_zero_pairs", pairs, persistent=False)
         rows = -self.out_features % INT4_ROWS  # padding channels, cut from the output
-        scales_and_zeros = F.pad(scales_and_zeros, (0, 0, 0, rows)).contiguous()
+        scales_and_zeros = F.pad(pairs.transpose(0, 1), (0, 0, 0, rows)).contiguous()
         if self.qweight.device.type == "cuda":
             inner_k_tiles = next(t for t in (8, 4, 2) if self.in_features % (t * 16) == 0)
             packed = torch.ops.aten._convert_weight_to_int4pack(F.pad(self.qweight, (0, 0, 0, rows)), inner_k_tiles)
@@ -182,8 +182,13 @@ class QuantizedLinear(nn.Module):
         return self
 
     def kernel_tensors(self) -> list[torch.Tensor]:
-        """What a product reads: the packed weight and its scales (and zero points), and the bias."""
-        tensors = [self.qweight, self.scales32] if self.scheme == "int8" else [self.packed, self.scales_and_zeros]
+        """What a decoding step's product reads: the quantized weight and its scales (and zero points), and the bias."""
+        if self.scheme == "int8":
+            tensors = [self.qweight, self.scales32]
+        elif self.cpu_int4_kernel():
+            tensors = [self.qweight, self.scale_zero_pairs]
+        else:
+            tensors = [self.packed, self.scales_and_zeros]
         return tensors + ([] if self.bias is None else [self.bias])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -204,9 +209,9 @@ class QuantizedLinear(nn.Module):
                                                    self.scales_and_zeros)[:, :self.out_features].to(rows.dtype)
         elif rows.size(0) == 1 and (kernel := self.cpu_int4_kernel()):  # a decoding step: one row
             row, y = rows.float().contiguous(), rows.new_empty(1, self.out_features, dtype=torch.float32)
-            if kernel(row.data_ptr(), self.in_features, self.qweight.data_ptr(), self.scales32.data_ptr(),
-                      self.zeros32.data_ptr(), self.group_size, self.out_features, y.data_ptr(), torch.get_num_threads()):
-                raise MemoryError("no memory for a row's bf16 pairs")
+            if kernel(row.data_ptr(), self.in_features, self.qweight.data_ptr(), self.scale_zero_pairs.data_ptr(),
+                      self.group_size, self.out_features, y.data_ptr(), torch.get_num_threads()):
+                raise MemoryError("no memory for a row's bf16 copy")
             y = y.to(rows.dtype)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows.bfloat16(), self.packed, self.group_size,
@@ -221,9 +226,9 @@ class QuantizedLinear(nn.Module):
         return kernels.int8_matmul()
 
     def cpu_int4_kernel(self):
-        """gptexp's compiled int4 product of one row (groups of 64 or more, a CPU with AVX512-BF16), or None; more
-        rows go to ATen's, faster there (13.6 against 19.8 ms over GPT-2 124M at 8 rows)."""
-        return kernels.int4_matvec() if self.group_size % 64 == 0 and self.qweight.device.type == "cpu" else None
+        """gptexp's compiled int4 product of one row (a width that is a multiple of 128, a CPU with AVX512-BF16), or
+        None; more rows go to ATen's, faster there (13.6 against 19.8 ms over GPT-2 124M at 8 rows)."""
+        return kernels.int4_matvec() if self.in_features % 128 == 0 and self.qweight.device.type == "cpu" else None
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.scheme == "int4" else ""

@@ -7,8 +7,8 @@ work in plain loops around the same product kernels, so the step costs little mo
 A model offers it through `fused_decode_step(cache)` by describing its blocks (`Block`) to `build`; GPT-2 and
 LLaMA do. `build` returns None, and decoding keeps the model's own forward, unless every condition holds: the
 compiled kernels are there, every linear layer is a QuantizedLinear the kernels read (int8; int4 of widths that are
-multiples of 128, on a CPU with AVX512-BF16), the activations, norms and KV cache are float32 on the CPU, and the cache holds
-one unpadded row.
+multiples of 128, on a CPU with AVX512-BF16), the activations, norms and KV cache are float32 on the CPU, and the
+cache holds one unpadded row.
 """
 
 from __future__ import annotations
@@ -90,9 +90,10 @@ def build(cache: KVCache, architecture: str, blocks: Sequence[Block], *, embeddi
         raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
     function = kernels.decode_step()
     linears = [head, *(m for b in blocks for m in (*b.attn_in, b.attn_out, *b.mlp_in, b.mlp_out))]
-    floats = [cache.keys, cache.values, norm.weight, *(b.norm1.weight for b in blocks), *(b.norm2.weight for b in blocks),
-              *(t for t in (positions, *(rotary or ()), getattr(embedding, "weight", None), getattr(head, "scales", None),
-                            getattr(head, "zeros", None)) if t is not None)]
+    tables = (positions, *(rotary or ()), getattr(embedding, "weight", None), getattr(head, "scales", None),
+              getattr(head, "zeros", None))
+    floats = [cache.keys, cache.values, norm.weight, *(m.weight for b in blocks for m in (b.norm1, b.norm2)),
+              *(t for t in tables if t is not None)]
     if (function is None or cache.keys.size(1) != 1 or cache.pad is not None
             or not all(_readable(m) for m in linears)
             or not all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in floats)

@@ -57,8 +57,8 @@ def _library():
     try:
         library = ctypes.CDLL(str(_built(compiler)))
     except (OSError, subprocess.CalledProcessError) as error:
-        log.warning("products run through ATen's kernels: building %s failed (%s)", " and ".join(s.name for s in SOURCES),
-                    getattr(error, "stderr", None) or error)
+        log.warning("products run through ATen's kernels: building %s failed (%s)",
+                    " and ".join(s.name for s in SOURCES), getattr(error, "stderr", None) or error)
         return None
     pointer, size, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     library.woq_int8_matmul.argtypes = [pointer, flag, size, size, pointer, pointer, size, pointer, flag, flag]
@@ -74,14 +74,15 @@ def _library():
 def _built(compiler: str) -> Path:
     """The shared library for these sources, compiler and CPU: compiled once, then reused."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\n".join([*(s.read_text() for s in SOURCES), *FLAGS, version, cpu_name()]).encode()).hexdigest()[:16]
+    text = "\n".join([*(s.read_text() for s in SOURCES), *FLAGS, version, cpu_name()])
+    key = hashlib.sha256(text.encode()).hexdigest()[:16]
     path = Path(os.environ.get("GPTEXP_CACHE", CACHE_DIR)).expanduser() / "kernels" / f"gptexp_cpu-{key}.so"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path.parent) as scratch:  # renamed into place whole: no half a library
             built = Path(scratch) / path.name
-            subprocess.run([compiler, *FLAGS, "-o", str(built), *map(str, SOURCES), "-lm"], check=True, capture_output=True,
-                           text=True)
+            subprocess.run([compiler, *FLAGS, "-o", str(built), *map(str, SOURCES), "-lm"], check=True,
+                           capture_output=True, text=True)
             os.replace(built, path)
         log.info("built %s for this CPU (%s)", path, compiler)
     return path

@@ -128,14 +128,23 @@ def measured_cpu_matmul_flops(dtype: torch.dtype = torch.float32, n: int = 2048,
     return 2 * n**3 / fastest_seconds(lambda: torch.mm(a, b), repeats)
 
 
+class MemoryStream:
+    """The rate in bytes per second at which the CPU streams from memory, measured each time it is called: the
+    fastest of `repeats` passes over a `mib` MiB float32 tensor (kept), far larger than any cache, by the faster of
+    a sum and a matrix-vector product (which kernel streams fastest differs between CPUs: on one Xeon the product
+    read 33 GB/s where the sum read 24). Decoding reads every weight once per token, so weight bytes divided by
+    this is the least time a token can take. On a shared machine the rate moves with the neighbours' load (one
+    2-core VM read 31 to 59 GB/s within an hour), so a bound is best measured beside what it bounds."""
+
+    def __init__(self, mib: int = 512):
+        self.matrix, self.vector = torch.ones(mib * 2**20 // 4 // 4096, 4096), torch.ones(4096)
+
+    def __call__(self, repeats: int = 5) -> float:
+        return self.matrix.nbytes / min(fastest_seconds(self.matrix.sum, repeats),
+                                        fastest_seconds(lambda: torch.mv(self.matrix, self.vector), repeats))
+
+
 @lru_cache(maxsize=None)
 def measured_cpu_memory_bandwidth(mib: int = 512, repeats: int = 5) -> float:
-    """Bytes per second the CPU streams from memory: the fastest of `repeats` passes over a `mib` MiB float32
-    tensor, far larger than any cache, by the faster of a sum and a matrix-vector product (which kernel
-    streams fastest differs between CPUs: on one Xeon the product read 33 GB/s where the sum read 24).
-    Decoding reads every weight once per token, so weight bytes divided by this is the least time a token
-    can take."""
-    matrix = torch.ones(mib * 2**20 // 4 // 4096, 4096)
-    vector = torch.ones(4096)
-    return matrix.nbytes / min(fastest_seconds(matrix.sum, repeats),
-                               fastest_seconds(lambda: torch.mv(matrix, vector), repeats))
+    """MemoryStream's rate, measured once."""
+    return MemoryStream(mib)(repeats)

@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from gptexp import finetune
 from gptexp.cli import answered_errors, run_command
 from gptexp.config import CONF_DIR, ConfigError
-from gptexp.hardware import measured_cpu_memory_bandwidth, peak_flops
+from gptexp.hardware import MemoryStream, peak_flops
 from gptexp.memory import PeakMemory, resident_bytes
 from gptexp.models import GPT2, GPT2Config, Llama, LlamaConfig
 from gptexp.models import quantize as quantization
@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 IMPLS = ("gptexp", "hf")
 SHOWN = ["kind", "case", "impl", "precision", "batch", "seq_len", "kv_cache", "method", "activation_checkpointing",
-         "step_ms", "ms_per_token", "tokens_per_s", "mfu", "bandwidth_bound_tokens_per_s", "of_bound", "peak_memory_mb"]
+         "step_ms", "ms_per_token", "tokens_per_s", "mfu", "stream_gb_s", "bandwidth_bound_tokens_per_s", "of_bound",
+         "peak_memory_mb"]
 
 
 def build_model(impl: str, dims: dict, context: int, device: torch.device) -> torch.nn.Module:
@@ -238,13 +239,14 @@ def bench_generation(name: str, case: DictConfig, cfg: DictConfig, device: torch
     """Greedy decoding in every format: each precision for both implementations (bf16: the float32 weights
     rounded), each of cfg.quantize for gptexp alone (its linear layers quantized, activations in
     cfg.quantize_precision). Every row's bound is the measured streaming rate over the bytes of weights a step
-    reads (gptexp.models.quantize.read_bytes_per_token), and `of_bound` the share of it reached."""
+    reads (gptexp.models.quantize.read_bytes_per_token), and `of_bound` the share of it reached: the rate is
+    measured after each round of a row's decodes, and the median taken, as the decodes' times are."""
     dims = OmegaConf.to_container(case.model)
     rows = []
     context = case.prompt + case.new_tokens
     built = {impl: build_model(impl, dims, context, device).eval() for impl in cfg.impls}
     # every weight is read once per decoding step: on a CPU, the fastest a step can be is bytes / bandwidth
-    bandwidth = measured_cpu_memory_bandwidth() if device.type == "cpu" else float("nan")
+    stream = MemoryStream() if device.type == "cpu" else None
     formats = [(p, DTYPES[p], None) for p in cfg.precision]
     formats += [(scheme, DTYPES[cfg.quantize_precision], scheme) for scheme in cfg.quantize]
     for label, dtype, scheme in formats:
@@ -255,12 +257,15 @@ def bench_generation(name: str, case: DictConfig, cfg: DictConfig, device: torch
         read_bytes = quantization.read_bytes_per_token(models.get("gptexp") or models["hf"])
         for batch, use_cache in itertools.product(case.batch, case.kv_cache):
             prompt = torch.randint(0, dims["vocab_size"], (batch, case.prompt), device=device)
-            times = {impl: [] for impl in models}
+            times, rates = {impl: [] for impl in models}, []
             for i in range(cfg.warmup + cfg.repeats):
                 for impl, model in models.items():
                     seconds = decoding_seconds(impl, model, prompt, case.new_tokens, use_cache)
                     if i >= cfg.warmup:
                         times[impl].append(seconds)
+                if i >= cfg.warmup:
+                    rates.append(stream(repeats=3) if stream else float("nan"))
+            bandwidth = statistics.median(rates)
             for impl in models:
                 seconds = statistics.median(times[impl])
                 tokens_per_s = batch * case.new_tokens / seconds
@@ -269,7 +274,8 @@ def bench_generation(name: str, case: DictConfig, cfg: DictConfig, device: torch
                                  seq_len=context, **dims, kv_cache=use_cache, prompt=case.prompt,
                                  new_tokens=case.new_tokens, tokens_per_s=tokens_per_s,
                                  ms_per_token=1e3 * seconds / case.new_tokens, weight_mb_per_step=read_bytes / 1e6,
-                                 bandwidth_bound_tokens_per_s=bound, of_bound=tokens_per_s / bound))
+                                 stream_gb_s=bandwidth / 1e9, bandwidth_bound_tokens_per_s=bound,
+                                 of_bound=tokens_per_s / bound))
             log.info("%s", ratios_text(rows[-len(models):]))
         del models
     return rows

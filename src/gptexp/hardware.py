@@ -134,10 +134,13 @@ class MemoryStream:
     a sum and a matrix-vector product (which kernel streams fastest differs between CPUs: on one Xeon the product
     read 33 GB/s where the sum read 24). Decoding reads every weight once per token, so weight bytes divided by
     this is the least time a token can take. On a shared machine the rate moves with the neighbours' load (one
-    2-core VM read 31 to 59 GB/s within an hour), so a bound is best measured beside what it bounds."""
+    2-core VM read 31 to 59 GB/s within an hour), so a bound is best measured beside what it bounds. The tensor
+    holds random numbers, as weights do: the same VM summed a tensor of ones 10% faster than one of random values."""
 
     def __init__(self, mib: int = 512):
-        self.matrix, self.vector = torch.ones(mib * 2**20 // 4 // 4096, 4096), torch.ones(4096)
+        generator = torch.Generator().manual_seed(0)  # its own: a measurement must not move training's RNG
+        self.matrix = torch.rand(mib * 2**20 // 4 // 4096, 4096, generator=generator)
+        self.vector = torch.ones(4096)
 
     def __call__(self, repeats: int = 5) -> float:
         return self.matrix.nbytes / min(fastest_seconds(self.matrix.sum, repeats),

@@ -90,3 +90,6 @@ def test_where_the_fused_step_cannot_apply_decoding_runs_forward():
     step = model.fused_decode_step(cache)
     with pytest.raises(ValueError, match="one token"):
         step(torch.zeros(1, 2, dtype=torch.long), cache)
+    with pytest.raises(IndexError, match="token 300 is outside the vocabulary of 300 tokens"):
+        step(torch.tensor([[300]]), cache)  # the C step checks what forward's embedding would
+    assert cache.length == 0

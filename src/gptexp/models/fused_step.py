@@ -74,9 +74,13 @@ class FusedStep:
             raise ValueError(f"a fused step continues its own cache by one token, got {tuple(idx.shape)} tokens")
         status = self._function(ctypes.byref(self._description), int(idx), cache.length, self._logits.data_ptr(),
                                 torch.get_num_threads())
+        if status == 1:
+            raise MemoryError("no memory for a decoding step's activations")
+        if status == 4:
+            raise IndexError(f"token {int(idx)} is outside the vocabulary of {self._logits.size(-1)} tokens")
         if status:
-            raise MemoryError("no memory for a decoding step's activations") if status == 1 else RuntimeError(
-                f"gptexp_decode_step failed with status {status} at position {cache.length} of {cache.max_len}")
+            raise RuntimeError(f"gptexp_decode_step failed with status {status} at position {cache.length} of "
+                               f"{cache.max_len}")
         cache.length += 1
         return self._logits
 

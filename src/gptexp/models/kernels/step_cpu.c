@@ -186,9 +186,11 @@ static void rotate(float *x, const float *cos, const float *sin, int64_t D) {
 }
 
 /* The step of `token` at `pos` (the cache holds positions [0, pos)): its keys and values are stored at pos, and the
- * logits (vocab) written. Returns 0; 1 out of memory; 2 a product this build lacks; 3 pos outside the cache. */
+ * logits (vocab) written. Returns 0; 1 out of memory; 2 a product this build lacks; 3 pos outside the cache; 4 a
+ * token outside the vocabulary. */
 int gptexp_decode_step(const Model *m, int64_t token, int64_t pos, float *logits, int threads) {
     if (pos < 0 || pos >= m->max_len) return 3;
+    if (token < 0 || token >= m->head.out) return 4;
     const int64_t D = m->head_dim, q_width = m->n_head * D, kv_width = m->n_kv_head * D;
     const int64_t widest = m->hidden > q_width + 2 * kv_width ? m->hidden : q_width + 2 * kv_width;
     float *x = malloc((2 * m->dim + q_width + 3 * widest + m->n_head * (pos + 1)) * sizeof(float));

@@ -4,7 +4,7 @@ one token of one row, for GPT-2 and LLaMA, and `decode` uses it; where it cannot
 import pytest
 import torch
 
-from gptexp.models import GPT2, GPT2Config, Llama, LlamaConfig, generation, kernels
+from gptexp.models import GPT2, GPT2Config, Llama, LlamaConfig, fused_step, generation, kernels, speculative
 from gptexp.models.quantize import quantize
 
 pytestmark = pytest.mark.skipif(kernels.decode_step() is None, reason="no C compiler: decoding runs forward")
@@ -93,3 +93,15 @@ def test_where_the_fused_step_cannot_apply_decoding_runs_forward():
     with pytest.raises(IndexError, match="token 300 is outside the vocabulary of 300 tokens"):
         step(torch.tensor([[300]]), cache)  # the C step checks what forward's embedding would
     assert cache.length == 0
+
+
+@torch.inference_mode()
+def test_a_quantized_draft_proposes_through_its_fused_step():
+    torch.manual_seed(0)
+    model, draft = quantize(gpt2(), "int8"), quantize(gpt2(), "int8")  # two different random models
+    prompt = torch.randint(0, 300, (1, 5), generator=torch.Generator().manual_seed(3))
+    proposer = speculative.DraftModel(draft, tokens=3)
+    plain = generation.generate(model, prompt, 30, temperature=0)
+    speculated = torch.cat([prompt, *generation.decode(model, prompt, 30, temperature=0, proposer=proposer)], 1)
+    assert torch.equal(speculated, plain)
+    assert isinstance(proposer.step, fused_step.FusedStep)

@@ -91,22 +91,23 @@ class Source:
         write_atomically(Path(path), lambda f: f.write(data))
 
 
-def load_source(source: str, checkpoint: str = "best", trust: bool = False) -> Source:
+def load_source(source: str, checkpoint: str = "best", trust: bool = False, key: str = "source") -> Source:
     """The model and tokenizer `source` names (see the module docstring); `checkpoint` picks a run
-    directory's best or last checkpoint. Raises ConfigError naming what was looked for, and UnsafeFileError
-    for a pickled file that asks for more than tensors and plain data, unless `trust` (trust_checkpoint=true)."""
+    directory's best or last checkpoint. Raises ConfigError naming what was looked for (as `key`=source: the
+    option that named it), and UnsafeFileError for a pickled file that asks for more than tensors and plain
+    data, unless `trust` (trust_checkpoint=true)."""
     if checkpoint not in ("best", "last"):
         raise ConfigError(f"checkpoint={checkpoint!r}: choose best or last")
     try:
         with trusting(trust):
-            return _load(str(source), checkpoint)
+            return _load(str(source), checkpoint, key)
     except (ConfigError, UnsafeFileError):
         raise
     except (FileNotFoundError, ValueError) as error:
-        raise ConfigError(f"source={source}: {error}") from error
+        raise ConfigError(f"{key}={source}: {error}") from error
 
 
-def _load(source: str, checkpoint: str) -> Source:
+def _load(source: str, checkpoint: str, key: str) -> Source:
     path = Path(source).expanduser()
     if path.is_dir():
         if (path / "checkpoints").is_dir():
@@ -123,7 +124,7 @@ def _load(source: str, checkpoint: str) -> Source:
     elif not path.is_absolute() and not source.startswith((".", "~")) and source.count("/") <= 1:
         return _from_hub(source)
     what = "does not exist" if not path.exists() else "is none of the formats"
-    raise ConfigError(f"source={source} {what}; pass {', '.join(FORMATS[:-1])} or {FORMATS[-1]}")
+    raise ConfigError(f"{key}={source} {what}; pass {', '.join(FORMATS[:-1])} or {FORMATS[-1]}")
 
 
 def _from_run(run: Path, checkpoint: str) -> Source:
@@ -243,8 +244,8 @@ def _from_bin(path: Path) -> Source:
         model = Llama.from_pretrained(path)
         tokenizer = load_tokenizer(Llama.tokenizer_for(str(path)))
     except (ValueError, FileNotFoundError) as error:
-        raise ConfigError(f"source={path}: neither an llm.c model file (magic {MODEL_MAGIC}) nor a llama2.c "
-                          f"legacy export: {error}") from error
+        raise ValueError(f"neither an llm.c model file (magic {MODEL_MAGIC}) nor a llama2.c legacy export: "
+                         f"{error}") from error
     return Source(model, tokenizer, f"llama2.c {path}")
 
 
@@ -252,5 +253,5 @@ def _from_hub(name: str) -> Source:
     try:
         directory = resolve_pretrained(name, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"])
     except FileNotFoundError as error:
-        raise ConfigError(f"source={name} is not a local path, so it was taken for a hub id: {error}") from error
+        raise FileNotFoundError(f"not a local path, so it was taken for a hub id: {error}") from error
     return _from_pretrained_directory(directory)

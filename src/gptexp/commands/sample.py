@@ -258,10 +258,7 @@ def load_draft(cfg: DictConfig):
     said before any work."""
     if cfg.draft is None or str(cfg.draft) == "ngram":
         return None
-    try:
-        return load_source(str(cfg.draft), cfg.checkpoint, cfg.trust_checkpoint)
-    except ConfigError as error:
-        raise ConfigError(str(error).replace(f"source={cfg.draft}", f"draft={cfg.draft}", 1)) from None
+    return load_source(str(cfg.draft), cfg.checkpoint, cfg.trust_checkpoint, key="draft")
 
 
 def make_proposer(cfg: DictConfig, draft, tokenizer, device: str) -> speculative.Proposer | None:

@@ -189,7 +189,7 @@ def _decode(model, idx, max_new_tokens, temperature, top_k, top_p, use_cache, ge
     context = model.context_length
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode())
-        for m in [model] + ([proposer.model] if isinstance(proposer, speculative.DraftModel) else []):
+        for m in [model, *(proposer.models() if proposer is not None else [])]:
             stack.enter_context(_eval_mode(m))
             stack.enter_context(onednn_linears(m, idx.size(0)))
         length = min(context, idx.size(1) + max_new_tokens)

@@ -53,6 +53,10 @@ class Proposer:
 
     tokens = 4
 
+    def models(self) -> list[torch.nn.Module]:
+        """The models it runs, which decoding puts in eval mode (and oneDNN's layout) as it does its own."""
+        return []
+
     def start(self, idx: torch.Tensor, max_len: int, pad: torch.Tensor | None) -> None:
         """A new decode of idx (B, T), up to max_len tokens a row, left-padded by pad (B,) or not (None)."""
 
@@ -69,16 +73,24 @@ class DraftModel(Proposer):
     def __init__(self, model, tokens: int = 4):
         self.model, self.tokens = model, tokens
         self.cache: KVCache | None = None
+        self.step = None  # the model's fused step for one token (gptexp.models.fused_step), where it has one
+
+    def models(self):
+        return [self.model]
 
     def start(self, idx, max_len, pad):
         self.model.eval()
         self.cache = self.model.new_kv_cache(idx.size(0), max_len, pad)
+        self.step = getattr(self.model, "fused_decode_step", lambda cache: None)(self.cache)
 
     def propose(self, tokens, k, distribution, generator):
         drafts, distributions = [], []
         new = tokens[:, self.cache.length:]
         for _ in range(k):
-            logits = self.model(new, cache=self.cache)[0][:, -1]
+            if self.step is not None and new.size(1) == 1:
+                logits = self.step(new, self.cache)[:, -1]
+            else:
+                logits = self.model(new, cache=self.cache)[0][:, -1]
             if distribution is None:
                 new = logits.float().argmax(-1, keepdim=True)
             else:

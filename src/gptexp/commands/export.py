@@ -1,15 +1,17 @@
-"""Write a model in another format: python -m gptexp export format=llmc|hf|quantized source=<...> output=<...>
+"""Write a model in another format: python -m gptexp export format=llmc|hf|quantized|gguf source=<...> output=<...>
 
 source: any model gptexp reads (gptexp.sources): a run directory (its last checkpoint, or checkpoint=best), a
 .ckpt file (a LoRA run's with its adapter merged in), an HF directory or hub id, or an llm.c .bin. For a GPT-2,
 format=llmc writes llm.c's model file (and with state=<path>, a debug state for a
 batch of random tokens); format=hf writes a directory transformers.GPT2LMHeadModel reads. format=quantized (GPT-2 or
 LLaMA) writes one .safetensors of the model quantized to quantize=int8|int4, with its tokenizer, that every
-command reads as source= without quantizing again.
+command reads as source= without quantizing again. format=gguf (GPT-2 or LLaMA) writes one .gguf file that
+llama.cpp, Ollama and LM Studio run, its 2-D weights in dtype=f32|f16|q8_0|q4_0 (gptexp.models.gguf_export).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import hydra
@@ -34,10 +36,12 @@ def load_gpt2(source: str, checkpoint: str = "last", trust: bool = False) -> GPT
 
 
 def export(cfg: DictConfig) -> None:
-    if cfg.format not in ("llmc", "hf", "quantized"):
-        raise ConfigError(f"format={cfg.format!r}: choose llmc, hf or quantized")
+    if cfg.format not in ("llmc", "hf", "quantized", "gguf"):
+        raise ConfigError(f"format={cfg.format!r}: choose llmc, hf, quantized or gguf")
     if cfg.format == "quantized":
         return export_quantized(cfg)
+    if cfg.format == "gguf":
+        return export_gguf(cfg)
     model = load_gpt2(str(cfg.source), cfg.checkpoint, cfg.trust_checkpoint)
     if cfg.format == "hf":
         with writing(cfg.output):
@@ -65,6 +69,29 @@ def export_quantized(cfg: DictConfig) -> None:
     with writing(cfg.output):
         source.save_quantized(cfg.output)
     print(f"wrote {cfg.output} ({cfg.quantize}, {Path(cfg.output).stat().st_size / 1e6:.1f} MB)")
+
+
+def export_gguf(cfg: DictConfig) -> None:
+    from gptexp.models.gguf_export import DTYPES, write_gguf
+
+    if cfg.dtype not in DTYPES:
+        raise ConfigError(f"dtype={cfg.dtype!r}: format=gguf writes {', '.join(DTYPES)}")
+    output = Path(str(cfg.output))
+    if output.suffix != ".gguf":
+        raise ConfigError(f"output={output}: a GGUF model is one .gguf file; name it <name>.gguf")
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise ConfigError("format=gguf needs the gguf package: pip install gguf (or pip install -e \".[gguf]\")") from None
+    source = load_source(str(cfg.source), cfg.checkpoint, cfg.trust_checkpoint)
+    partial = output.with_name(f".{output.name}.{os.getpid()}.tmp")  # renamed into place whole: no half a file
+    try:
+        with writing(output):
+            write_gguf(source.model, source.tokenizer, partial, cfg.dtype)
+            os.replace(partial, output)
+    finally:
+        partial.unlink(missing_ok=True)
+    print(f"wrote {output} ({cfg.dtype}, {output.stat().st_size / 1e6:.1f} MB)")
 
 
 @hydra.main(version_base="1.3", config_path=f"{CONF_DIR}/tools", config_name="export")

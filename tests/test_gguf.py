@@ -1,0 +1,94 @@
+"""export format=gguf: llama.cpp's file, read back by transformers' GGUF loader (an independent reader), gives
+gptexp's logits and tokenizes as gptexp does, for GPT-2 and LLaMA; bad input is one line."""
+
+import runpy
+import sys
+
+import pytest
+import torch
+from test_bad_input import in_process, one_line_error
+
+from gptexp.config import asset_path
+from gptexp.data.tokenizers import gpt2_tokenizer
+from gptexp.models import GPT2, GPT2Config
+from gptexp.sources import load_source
+
+pytest.importorskip("gguf")
+transformers = pytest.importorskip("transformers")
+STORIES = str(asset_path("stories260K/stories260K.bin"))
+TEXTS = ["Once upon a time, there was a little girl named Lily.", "Hello world, it's 2026!  Ünïcode\n\ttabs"]
+
+
+def export(tmp_path, monkeypatch, source: str, dtype: str):
+    path = tmp_path / f"model-{dtype}.gguf"
+    monkeypatch.setattr(sys, "argv", ["export", "format=gguf", f"dtype={dtype}", f"source={source}", f"output={path}"])
+    runpy.run_module("gptexp.commands.export", run_name="__main__")
+    return path
+
+
+def read_back(path):
+    """transformers' model and tokenizer from the GGUF file alone."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).eval()
+    return model, transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory):
+    """A random GPT-2 on GPT-2's BPE, as an HF directory gptexp reads (1,024 positions: transformers' GGUF loader
+    sizes GPT-2's position table from its default, not from the file)."""
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(block_size=1024, n_layer=2, n_head=2, n_embd=64)).eval()
+    directory = tmp_path_factory.mktemp("gpt2")
+    model.save_pretrained(directory)
+    return model, directory
+
+
+# how far transformers' logits from the file may be from gptexp's, as a share of the largest (measured: GPT-2 2e-7
+# and 7e-3 in q8_0; stories260K 0, 6e-4, 2e-2 and 0.17, whose widths of 64 and 172 leave little to average)
+@pytest.mark.parametrize("dtype, tolerance", [("f32", 1e-5), ("q8_0", 2e-2)])
+@torch.inference_mode()
+def test_gpt2_in_gguf_reads_back_as_gptexps_logits_and_tokens(dtype, tolerance, tiny_gpt2, tmp_path, monkeypatch):
+    model, directory = tiny_gpt2
+    path = export(tmp_path, monkeypatch, str(directory), dtype)
+    theirs, tokenizer = read_back(path)
+    x = torch.randint(0, 50257, (2, 24), generator=torch.Generator().manual_seed(0))
+    ours = model(x)[0]
+    assert (theirs(x).logits - ours).abs().max().item() <= tolerance * ours.abs().max().item()
+    for text in TEXTS:  # the vocabulary and the merges rebuilt from tiktoken's ranks tokenize as tiktoken does
+        assert tokenizer(text)["input_ids"] == gpt2_tokenizer().encode(text)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("f32", 1e-5), ("f16", 2e-3), ("q8_0", 5e-2), ("q4_0", 0.3)])
+@torch.inference_mode()
+def test_llama_in_gguf_reads_back_as_gptexps_logits_and_tokens(dtype, tolerance, tmp_path, monkeypatch):
+    path = export(tmp_path, monkeypatch, STORIES, dtype)
+    theirs, tokenizer = read_back(path)
+    source = load_source(STORIES)
+    x = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    ours = source.model.eval()(x)[0]
+    assert (theirs(x).logits - ours).abs().max().item() <= tolerance * ours.abs().max().item()
+    # SentencePiece's pieces, scores and types: BOS, then the same pieces. Runs of spaces excepted: tok512.model's
+    # normalizer collapses them, and GGUF has no field for a normalizer (llama.cpp reads Meta's, which keeps them)
+    for text in [t.replace("  ", " ") for t in TEXTS]:
+        assert tokenizer(text)["input_ids"] == [source.tokenizer.bos_id, *source.tokenizer.encode(text)]
+    # the file against float32's 4 bytes a weight (measured 1.01, 0.52, 0.33, 0.23: norms stay f32, and the 172-wide
+    # rows that no block of 32 divides f16), plus the tokenizer and metadata
+    share = {"f32": 1.0, "f16": 0.52, "q8_0": 0.34, "q4_0": 0.24}[dtype]
+    assert path.stat().st_size < share * 4 * source.model.num_parameters() + 20_000
+
+
+@pytest.mark.parametrize("arguments, messages", [
+    (["dtype=q5_k"], ["dtype='q5_k': format=gguf writes f32, f16, q8_0, q4_0"]),
+    (["output=<dir>/model.bin"], ["a GGUF model is one .gguf file; name it <name>.gguf"]),
+    (["source=<char run>"], ["tokenizer (char", "neither GPT-2's BPE nor SentencePiece",
+                             "a character-level model has no GGUF tokenizer"]),
+])
+def test_export_gguf_refuses_bad_input_in_one_line(arguments, messages, run_dir, tmp_path, monkeypatch, capfd):
+    given = {"source": STORIES, "output": str(tmp_path / "model.gguf")}
+    for argument in arguments:
+        key, value = argument.split("=", 1)
+        given[key] = value.replace("<dir>", str(tmp_path)).replace("<char run>", str(run_dir))
+    status, stderr = in_process("export", ["format=gguf", *(f"{k}={v}" for k, v in given.items())], monkeypatch, capfd)
+    assert status == 2
+    one_line_error(stderr, messages)
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*.tmp"))  # nothing left behind

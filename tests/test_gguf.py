@@ -1,5 +1,6 @@
-"""export format=gguf: llama.cpp's file, read back by transformers' GGUF loader (an independent reader), gives
-gptexp's logits and tokenizes as gptexp does, for GPT-2 and LLaMA; bad input is one line."""
+"""GGUF, llama.cpp's file. Written by export format=gguf and read back by transformers' GGUF loader (an independent
+reader), it gives gptexp's logits and tokenizes as gptexp does, for GPT-2 and LLaMA; read as source= it is the same
+model (f32: the same logits); a file or a request gptexp cannot serve is one line."""
 
 import runpy
 import sys
@@ -11,7 +12,7 @@ from test_bad_input import in_process, one_line_error
 from gptexp.config import asset_path
 from gptexp.data.tokenizers import gpt2_tokenizer
 from gptexp.models import GPT2, GPT2Config
-from gptexp.sources import load_source
+from gptexp.sources import Source, load_source
 
 pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
@@ -92,3 +93,85 @@ def test_export_gguf_refuses_bad_input_in_one_line(arguments, messages, run_dir,
     assert status == 2
     one_line_error(stderr, messages)
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*.tmp"))  # nothing left behind
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    """stories260K and a random GPT-2 (64 positions) written in f32 and q4_0 by gptexp's writer."""
+    from gptexp.models.gguf_files import write_gguf
+
+    directory = tmp_path_factory.mktemp("gguf")
+    torch.manual_seed(0)
+    gpt2 = GPT2(GPT2Config(block_size=64, n_layer=2, n_head=2, n_embd=64)).eval()
+    models = {"llama": load_source(STORIES), "gpt2": Source(gpt2, gpt2_tokenizer(), "a random GPT-2")}
+    paths = {}
+    for name, source in models.items():
+        for dtype in ("f32", "q4_0"):
+            paths[name, dtype] = directory / f"{name}-{dtype}.gguf"
+            write_gguf(source.model, source.tokenizer, paths[name, dtype], dtype)
+    return {name: source.model for name, source in models.items()}, paths
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+@torch.inference_mode()
+def test_a_gguf_file_is_a_source_with_the_same_logits_and_tokens(name, written):
+    models, paths = written
+    read = load_source(str(paths[name, "f32"]))
+    x = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(read.model(x)[0], models[name].eval()(x)[0])  # f32: the same weights, the same layout
+    original = gpt2_tokenizer() if name == "gpt2" else load_source(STORIES).tokenizer
+    for text in [t.replace("  ", " ") for t in TEXTS]:
+        assert read.tokenizer.encode(text) == original.encode(text)
+    quantized = load_source(str(paths[name, "q4_0"])).model  # dequantized on load: near, not equal
+    difference = (quantized(x)[0] - models[name](x)[0]).abs().max().item()
+    assert 0 < difference < 0.5 * models[name](x)[0].abs().max().item()
+
+
+def test_sample_and_export_take_a_gguf_source(written, tmp_path, monkeypatch):
+    _, paths = written
+    monkeypatch.setattr(sys, "argv", ["sample", f"source={paths['llama', 'q4_0']}", "prompt=Once upon a time",
+                                      "max_new_tokens=12", "temperature=0", f"hydra.run.dir={tmp_path / 's'}"])
+    runpy.run_module("gptexp.commands.sample", run_name="__main__")
+    assert (tmp_path / "s" / "samples.jsonl").read_text().count("completion") == 1
+    monkeypatch.setattr(sys, "argv", ["export", "format=hf", f"source={paths['gpt2', 'f32']}",
+                                      f"output={tmp_path / 'hf'}"])
+    runpy.run_module("gptexp.commands.export", run_name="__main__")
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+
+
+def foreign_gguf(path, architecture: str, tensor_type=None):
+    """A GGUF file gptexp's writer would not write: another architecture, or a tensor of another type."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), architecture)
+    kind = tensor_type or gguf.GGMLQuantizationType.F32
+    block, size = gguf.GGML_QUANT_SIZES[kind]
+    data = (np.zeros((4, 256), dtype=np.float32) if kind == gguf.GGMLQuantizationType.F32
+            else np.zeros((4, 256 // block * size), dtype=np.uint8))
+    writer.add_tensor("token_embd.weight", data, raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("case, messages", [
+    ("truncated", ["is not a readable GGUF file", "truncated, or not GGUF"]),
+    ("mamba", ["holds a 'mamba' model; gptexp reads GGUF's gpt2 and llama architectures"]),
+    ("Q8_K", ["tensor token_embd.weight is Q8_K, which gptexp cannot dequantize"]),
+])
+def test_a_gguf_gptexp_cannot_read_is_one_line(case, messages, written, tmp_path, monkeypatch, capfd):
+    import gguf
+
+    _, paths = written
+    path = tmp_path / f"{case}.gguf"
+    if case == "truncated":
+        path.write_bytes(paths["llama", "f32"].read_bytes()[:300_000])
+    else:
+        foreign_gguf(path, *(("mamba",) if case == "mamba" else ("llama", gguf.GGMLQuantizationType.Q8_K)))
+    status, stderr = in_process("sample", [f"source={path}", f"hydra.run.dir={tmp_path / 'out'}"], monkeypatch, capfd)
+    assert status == 2
+    one_line_error(stderr, messages)
+    assert not (tmp_path / "out").exists()

@@ -1,7 +1,8 @@
 """Any model gptexp reads, with its tokenizer: what `source=` means for the commands that use a model.
 
 A source is a run directory (its best checkpoint, or the last), a training checkpoint (.ckpt), a Hugging
-Face directory or hub id (GPT-2 or LLaMA), a Meta LLaMA directory, a llama2.c .bin or an llm.c model .bin.
+Face directory or hub id (GPT-2 or LLaMA), a Meta LLaMA directory, a llama2.c .bin, an llm.c model .bin, a
+quantized .safetensors (export format=quantized) or a llama.cpp .gguf file (GPT-2 or LLaMA, dequantized).
 The architecture comes from the source itself; so does the tokenizer: a checkpoint records its own (a
 character-level run's characters travel with it), checkpoints written before that take it from the run's
 saved config, and the other formats bring theirs (GPT-2's BPE, a LLaMA's tokenizer.model). A LoRA run's
@@ -31,7 +32,7 @@ from gptexp.safe_load import UnsafeFileError, trusting
 from gptexp.writing import write_atomically
 
 FORMATS = ("a run directory (checkpoints/best.ckpt or last.ckpt)", "a .ckpt file",
-           "a quantized .safetensors (export format=quantized)",
+           "a quantized .safetensors (export format=quantized)", "a .gguf file (llama.cpp's; gpt2 or llama)",
            "a Hugging Face directory (config.json) or hub id", "a Meta directory (params.json)",
            "a llama2.c .bin", "an llm.c model .bin")
 
@@ -121,6 +122,8 @@ def _load(source: str, checkpoint: str, key: str) -> Source:
             return _from_bin(path)
         if path.suffix == ".safetensors":
             return _from_quantized(path)
+        if path.suffix == ".gguf":
+            return _from_gguf(path)
     elif not path.is_absolute() and not source.startswith((".", "~")) and source.count("/") <= 1:
         return _from_hub(source)
     what = "does not exist" if not path.exists() else "is none of the formats"
@@ -247,6 +250,19 @@ def _from_bin(path: Path) -> Source:
         raise ValueError(f"neither an llm.c model file (magic {MODEL_MAGIC}) nor a llama2.c legacy export: "
                          f"{error}") from error
     return Source(model, tokenizer, f"llama2.c {path}")
+
+
+def _from_gguf(path: Path) -> Source:
+    """llama.cpp's file (export format=gguf writes one): its GPT-2 or LLaMA dequantized, its tokenizer from the file."""
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"{path} is GGUF, which needs the gguf package: pip install gguf (or pip install -e "
+                          f"\".[gguf]\")") from None
+    from gptexp.models.gguf_files import read_gguf
+
+    model, tokenizer = read_gguf(path)
+    return Source(model, tokenizer, f"GGUF {path}")
 
 
 def _from_hub(name: str) -> Source:

@@ -6,7 +6,7 @@ format=llmc writes llm.c's model file (and with state=<path>, a debug state for 
 batch of random tokens); format=hf writes a directory transformers.GPT2LMHeadModel reads. format=quantized (GPT-2 or
 LLaMA) writes one .safetensors of the model quantized to quantize=int8|int4, with its tokenizer, that every
 command reads as source= without quantizing again. format=gguf (GPT-2 or LLaMA) writes one .gguf file that
-llama.cpp, Ollama and LM Studio run, its 2-D weights in dtype=f32|f16|q8_0|q4_0 (gptexp.models.gguf_export).
+llama.cpp, Ollama and LM Studio run, its 2-D weights in dtype=f32|f16|q8_0|q4_0 (gptexp.models.gguf_files).
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def export_quantized(cfg: DictConfig) -> None:
 
 
 def export_gguf(cfg: DictConfig) -> None:
-    from gptexp.models.gguf_export import DTYPES, write_gguf
+    from gptexp.models.gguf_files import DTYPES, write_gguf
 
     if cfg.dtype not in DTYPES:
         raise ConfigError(f"dtype={cfg.dtype!r}: format=gguf writes {', '.join(DTYPES)}")
@@ -82,7 +82,7 @@ def export_gguf(cfg: DictConfig) -> None:
     try:
         import gguf  # noqa: F401
     except ImportError:
-        raise ConfigError("format=gguf needs the gguf package: pip install gguf (or pip install -e \".[gguf]\")") from None
+        raise ConfigError('format=gguf needs the gguf package: pip install gguf (or pip install -e ".[gguf]")') from None
     source = load_source(str(cfg.source), cfg.checkpoint, cfg.trust_checkpoint)
     partial = output.with_name(f".{output.name}.{os.getpid()}.tmp")  # renamed into place whole: no half a file
     try:

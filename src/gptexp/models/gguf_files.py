@@ -1,11 +1,15 @@
 """GGUF, the file llama.cpp, Ollama and LM Studio run: a GPT-2 or LLaMA written whole, so a GGUF reader needs
-nothing else. The file carries llama.cpp's architecture metadata (`gpt2`, `llama`), the whole tokenizer (GPT-2's
+nothing else (`write_gguf`), and read back from the file alone, dequantized to float32
+(`read_gguf`). The file carries llama.cpp's architecture metadata (`gpt2`, `llama`), the whole tokenizer (GPT-2's
 byte-level BPE vocabulary and merges; SentencePiece's pieces, scores and types) and every weight under llama.cpp's
 tensor names, in f32, f16, q8_0 or q4_0 (blocks of 32 weights sharing an f16 scale).
 
 As llama.cpp's own converter does: 1-D tensors (norms, biases) stay f32; the q and k projections of a LLaMA are
 permuted from HF's half-split rotary layout to the interleaved one llama.cpp rotates; GPT-2's tied head is written
-as `output.weight` too. A weight whose rows a quantization's block does not divide is written in f16.
+as `output.weight` too. A weight whose rows a quantization's block does not divide is written in f16. Reading
+undoes each of these, and takes every quantization gguf's numpy code dequantizes (Q4_0 to Q6_K, IQ*, ...).
+GGUF has no field for a SentencePiece normalizer: a tokenizer read from a file keeps runs of spaces, as
+llama.cpp and Meta's LLaMA tokenizer do.
 """
 
 from __future__ import annotations
@@ -17,9 +21,9 @@ import torch
 import torch.nn as nn
 
 from gptexp.config import ConfigError
-from gptexp.data.tokenizers import BPETokenizer, SentencePieceTokenizer
-from gptexp.models.gpt2 import GPT2
-from gptexp.models.llama import Llama
+from gptexp.data.tokenizers import BPETokenizer, SentencePieceTokenizer, gpt2_tokenizer
+from gptexp.models.gpt2 import GPT2, GPT2Config
+from gptexp.models.llama import Llama, LlamaConfig
 from gptexp.models.quantize import QuantizedEmbedding, QuantizedLinear
 
 DTYPES = ("f32", "f16", "q8_0", "q4_0")
@@ -97,6 +101,11 @@ def _gpt2_tensors(model: GPT2):
 def _interleaved(weight: torch.Tensor, heads: int) -> torch.Tensor:
     """Rows of q or k from HF's half-split rotary pairs (i, i + D/2) to interleaved ones (2i, 2i + 1)."""
     return weight.reshape(heads, 2, weight.size(0) // heads // 2, -1).transpose(1, 2).reshape(weight.shape)
+
+
+def _half_split(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """`_interleaved` undone: rows of q or k back to HF's half-split rotary pairs."""
+    return weight.reshape(heads, weight.size(0) // heads // 2, 2, -1).transpose(1, 2).reshape(weight.shape)
 
 
 def _llama_tensors(model: Llama):
@@ -226,3 +235,130 @@ def _bytes_to_unicode() -> dict[int, str]:
             chars[b] = chr(256 + extra)
             extra += 1
     return chars
+
+
+def read_gguf(path: str | Path):
+    """(model, tokenizer) from a GGUF file of llama.cpp's `gpt2` or `llama` architecture, every weight dequantized to
+    float32. Raises ConfigError naming what is wrong: not a GGUF file (or a truncated one), another architecture, a
+    tensor type gguf cannot dequantize, or a layout gptexp's models do not have."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except (ValueError, OSError, IndexError, KeyError) as error:  # what a short or foreign file raises in gguf's reader
+        raise ConfigError(f"{path} is not a readable GGUF file ({error}): truncated, or not GGUF") from None
+
+    def value(key, default=None):
+        """A metadata value; a float32 one (1e-5 read as 9.99999974e-06) to the 7 digits it holds."""
+        found = reader.fields[key].contents() if key in reader.fields else default
+        return float(f"{found:.7g}") if isinstance(found, float) else found
+
+    architecture = value("general.architecture")
+    if architecture not in ("gpt2", "llama"):
+        raise ConfigError(f"{path} holds a {architecture!r} model; gptexp reads GGUF's gpt2 and llama architectures")
+    tensors = {}
+    for tensor in reader.tensors:
+        kind = gguf.GGMLQuantizationType(tensor.tensor_type)
+        try:
+            array = gguf.quants.dequantize(tensor.data, kind)
+        except NotImplementedError:
+            raise ConfigError(f"{path}: tensor {tensor.name} is {kind.name}, which gptexp cannot dequantize; it reads "
+                              f"f32, f16, bf16 and the q4_0 to q6_k and iq* quantizations") from None
+        shape = tuple(reversed([int(n) for n in tensor.shape]))
+        tensors[tensor.name] = torch.from_numpy(np.array(array, dtype=np.float32).reshape(shape))  # a copy: off the map
+    build = _gpt2_from if architecture == "gpt2" else _llama_from
+    model, state = build(value, tensors, path)
+    missing = [name for name, tensor in state.items() if tensor is None]
+    if missing:
+        raise ConfigError(f"{path} lacks tensors a {architecture} model needs: the GGUF names of {missing[:3]}")
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as error:
+        raise ConfigError(f"{path} does not hold the {architecture} model its metadata describes: {error}") from None
+    if isinstance(model, GPT2):  # assign=True replaced the tied tensors
+        model.lm_head.weight = model.transformer.wte.weight
+    elif model.config.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.rebuild_buffers()
+    return model.eval(), _tokenizer_from(value, architecture, path)
+
+
+def _gpt2_from(value, tensors: dict, path):
+    width, ff = value("gpt2.embedding_length"), value("gpt2.feed_forward_length")
+    if ff != 4 * width or abs(value("gpt2.attention.layer_norm_epsilon", 1e-5) - 1e-5) > 1e-9:
+        raise ConfigError(f"{path}: a GPT-2 variant (feed-forward {ff} for width {width}, or a LayerNorm epsilon "
+                          f"other than 1e-5) that gptexp's GPT-2 does not implement")
+    embedding = tensors["token_embd.weight"]
+    if "output.weight" in tensors and not torch.equal(tensors["output.weight"], embedding):
+        raise ConfigError(f"{path}: its output head differs from its token embedding; gptexp's GPT-2 ties them")
+    config = GPT2Config(block_size=value("gpt2.context_length"), vocab_size=embedding.size(0),
+                        n_layer=value("gpt2.block_count"), n_head=value("gpt2.attention.head_count"), n_embd=width,
+                        bias="output_norm.bias" in tensors)
+    with torch.device("meta"):
+        model = GPT2(config)
+    parts = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
+             "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+    state = {"transformer.wte.weight": embedding, "transformer.wpe.weight": tensors.get("position_embd.weight"),
+             "transformer.ln_f.weight": tensors.get("output_norm.weight"), "lm_head.weight": embedding}
+    for i in range(config.n_layer):
+        for ours, theirs in parts.items():
+            for kind in ("weight", "bias") if config.bias else ("weight",):
+                state[f"transformer.h.{i}.{ours}.{kind}"] = tensors.get(f"blk.{i}.{theirs}.{kind}")
+    if config.bias:
+        state["transformer.ln_f.bias"] = tensors.get("output_norm.bias")
+    return model, state
+
+
+def _llama_from(value, tensors: dict, path):
+    heads = value("llama.attention.head_count")
+    embedding = tensors["token_embd.weight"]
+    config = LlamaConfig(dim=value("llama.embedding_length"), n_layers=value("llama.block_count"), n_heads=heads,
+                         n_kv_heads=value("llama.attention.head_count_kv", heads), vocab_size=embedding.size(0),
+                         hidden_dim=value("llama.feed_forward_length"),
+                         norm_eps=value("llama.attention.layer_norm_rms_epsilon", 1e-5),
+                         rope_theta=value("llama.rope.freq_base", 10000.0), max_seq_len=value("llama.context_length"),
+                         tie_embeddings="output.weight" not in tensors)
+    with torch.device("meta"):
+        model = Llama(config)
+    state = {"model.embed_tokens.weight": embedding, "model.norm.weight": tensors.get("output_norm.weight"),
+             "lm_head.weight": tensors.get("output.weight", embedding)}
+    parts = {"input_layernorm": "attn_norm", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"}
+    for i in range(config.n_layers):
+        for ours, theirs in parts.items():
+            state[f"model.layers.{i}.{ours}.weight"] = tensors.get(f"blk.{i}.{theirs}.weight")
+        for ours, theirs, count in (("q_proj", "attn_q", config.n_heads), ("k_proj", "attn_k", config.n_kv_heads)):
+            weight = tensors.get(f"blk.{i}.{theirs}.weight")
+            state[f"model.layers.{i}.self_attn.{ours}.weight"] = None if weight is None else _half_split(weight, count)
+    return model, state
+
+
+def _tokenizer_from(value, architecture: str, path):
+    kind = value("tokenizer.ggml.model")
+    tokens = value("tokenizer.ggml.tokens")
+    if architecture == "gpt2" and kind == "gpt2":
+        if tokens != gpt2_vocabulary(gpt2_tokenizer())[0]:
+            raise ConfigError(f"{path}: its BPE vocabulary is not GPT-2's, the only BPE gptexp's GPT-2 reads")
+        return gpt2_tokenizer()
+    if architecture == "llama" and kind == "llama":
+        from sentencepiece import sentencepiece_model_pb2
+
+        proto = sentencepiece_model_pb2.ModelProto()
+        types = value("tokenizer.ggml.token_type")
+        for piece, score, token_type in zip(tokens, value("tokenizer.ggml.scores"), types):
+            entry = proto.pieces.add()
+            entry.piece, entry.score, entry.type = piece, score, token_type  # GGUF numbers SentencePiece's types alike
+        spec = proto.trainer_spec
+        spec.model_type = sentencepiece_model_pb2.TrainerSpec.BPE
+        spec.byte_fallback = 6 in types
+        spec.unk_id = value("tokenizer.ggml.unknown_token_id", 0)
+        spec.bos_id = value("tokenizer.ggml.bos_token_id", -1)
+        spec.eos_id = value("tokenizer.ggml.eos_token_id", -1)
+        spec.pad_id = -1
+        normalizer = proto.normalizer_spec
+        normalizer.name, normalizer.add_dummy_prefix = "identity", True
+        normalizer.remove_extra_whitespaces, normalizer.escape_whitespaces = False, True
+        return SentencePieceTokenizer(model_bytes=proto.SerializeToString())
+    raise ConfigError(f"{path}: a {architecture} model with a {kind!r} tokenizer; gptexp reads GPT-2's BPE with gpt2 "
+                      f"and SentencePiece (llama) with llama")

@@ -10,6 +10,7 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     os.environ["OMP_NUM_THREADS"] = str(max(1, cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
+import logging  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -27,6 +28,17 @@ def token_cache(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("token-cache")
     os.environ["GPTEXP_CACHE"] = str(path)
     return path
+
+
+@pytest.fixture(autouse=True)
+def loggers_stay_enabled():
+    """A command run in this process whose hydra/job_logging is `disabled` (export, verify, prepare) disables every
+    logger that exists; the next tests still capture their logs."""
+    enabled = [logger for logger in logging.root.manager.loggerDict.values()
+               if isinstance(logger, logging.Logger) and not logger.disabled]
+    yield
+    for logger in enabled:
+        logger.disabled = False
 
 
 @pytest.fixture

@@ -180,7 +180,7 @@ COMMAND_CASES = {
                                    ["source=/no/such.ckpt does not exist"]),
     "export: not a GPT-2": ("export", [f"source={asset_path('stories260K/stories260K.bin')}", "output=x.bin"],
                             ["holds a Llama; only GPT-2 exports to these formats"]),
-    "export: unknown format": ("export", ["format=onnx", "source=x", "output=y"], ["format='onnx': choose llmc, hf or quantized"]),
+    "export: unknown format": ("export", ["format=onnx", "source=x", "output=y"], ["format='onnx': choose llmc, hf, quantized or gguf"]),
     "export: unknown key": ("export", ["sorce=x"], ["Could not override 'sorce'", "Key 'sorce' is not in struct"]),
     "verify: no model": ("verify", [], ["model is required: add model=<value>"]),
     "verify: missing files": ("verify", ["model=/no/model.bin", "state=/no/state.bin"],

@@ -161,6 +161,7 @@ def foreign_gguf(path, architecture: str, tensor_type=None):
     ("truncated", ["is not a readable GGUF file", "truncated, or not GGUF"]),
     ("mamba", ["holds a 'mamba' model; gptexp reads GGUF's gpt2 and llama architectures"]),
     ("Q8_K", ["tensor token_embd.weight is Q8_K, which gptexp cannot dequantize"]),
+    ("no metadata", ["lacks what a llama model needs: llama.context_length, llama.embedding_length"]),
 ])
 def test_a_gguf_gptexp_cannot_read_is_one_line(case, messages, written, tmp_path, monkeypatch, capfd):
     import gguf
@@ -169,8 +170,9 @@ def test_a_gguf_gptexp_cannot_read_is_one_line(case, messages, written, tmp_path
     path = tmp_path / f"{case}.gguf"
     if case == "truncated":
         path.write_bytes(paths["llama", "f32"].read_bytes()[:300_000])
-    else:
-        foreign_gguf(path, *(("mamba",) if case == "mamba" else ("llama", gguf.GGMLQuantizationType.Q8_K)))
+    else:  # a llama's embedding alone: its metadata missing
+        foreign_gguf(path, *{"mamba": ("mamba",), "Q8_K": ("llama", gguf.GGMLQuantizationType.Q8_K),
+                             "no metadata": ("llama",)}[case])
     status, stderr = in_process("sample", [f"source={path}", f"hydra.run.dir={tmp_path / 'out'}"], monkeypatch, capfd)
     assert status == 2
     one_line_error(stderr, messages)

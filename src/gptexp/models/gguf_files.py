@@ -266,6 +266,11 @@ def read_gguf(path: str | Path):
                               f"f32, f16, bf16 and the q4_0 to q6_k and iq* quantizations") from None
         shape = tuple(reversed([int(n) for n in tensor.shape]))
         tensors[tensor.name] = torch.from_numpy(np.array(array, dtype=np.float32).reshape(shape))  # a copy: off the map
+    needed = [f"{architecture}.{key}" for key in ("context_length", "embedding_length", "feed_forward_length",
+                                                  "block_count", "attention.head_count")]
+    missing = [key for key in needed if value(key) is None] + [n for n in ("token_embd.weight",) if n not in tensors]
+    if missing:
+        raise ConfigError(f"{path} lacks what a {architecture} model needs: {', '.join(missing)}")
     build = _gpt2_from if architecture == "gpt2" else _llama_from
     model, state = build(value, tensors, path)
     missing = [name for name, tensor in state.items() if tensor is None]

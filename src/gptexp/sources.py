@@ -254,11 +254,6 @@ def _from_bin(path: Path) -> Source:
 
 def _from_gguf(path: Path) -> Source:
     """llama.cpp's file (export format=gguf writes one): its GPT-2 or LLaMA dequantized, its tokenizer from the file."""
-    try:
-        import gguf  # noqa: F401
-    except ImportError:
-        raise ConfigError(f"{path} is GGUF, which needs the gguf package: pip install gguf (or pip install -e "
-                          f"\".[gguf]\")") from None
     from gptexp.models.gguf_files import read_gguf
 
     model, tokenizer = read_gguf(path)

@@ -72,17 +72,14 @@ def export_quantized(cfg: DictConfig) -> None:
 
 
 def export_gguf(cfg: DictConfig) -> None:
-    from gptexp.models.gguf_files import DTYPES, write_gguf
+    from gptexp.models.gguf_files import DTYPES, require_gguf, write_gguf
 
     if cfg.dtype not in DTYPES:
         raise ConfigError(f"dtype={cfg.dtype!r}: format=gguf writes {', '.join(DTYPES)}")
     output = Path(str(cfg.output))
     if output.suffix != ".gguf":
         raise ConfigError(f"output={output}: a GGUF model is one .gguf file; name it <name>.gguf")
-    try:
-        import gguf  # noqa: F401
-    except ImportError:
-        raise ConfigError('format=gguf needs the gguf package: pip install gguf (or pip install -e ".[gguf]")') from None
+    require_gguf()  # before the source loads
     source = load_source(str(cfg.source), cfg.checkpoint, cfg.trust_checkpoint)
     partial = output.with_name(f".{output.name}.{os.getpid()}.tmp")  # renamed into place whole: no half a file
     try:

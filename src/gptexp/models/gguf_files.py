@@ -14,6 +14,7 @@ llama.cpp and Meta's LLaMA tokenizer do.
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +28,14 @@ from gptexp.models.llama import Llama, LlamaConfig
 from gptexp.models.quantize import QuantizedEmbedding, QuantizedLinear
 
 DTYPES = ("f32", "f16", "q8_0", "q4_0")
+INSTALL = 'pip install gguf (or pip install -e ".[gguf]")'
 BLOCK = 32  # weights a q8_0 or q4_0 block holds
 
 
 def write_gguf(model: nn.Module, tokenizer, path: str | Path, dtype: str = "f16") -> None:
     """Write `model` (GPT2 or Llama, float or quantized by gptexp) and its tokenizer to `path` as GGUF with 2-D
-    weights in `dtype`. Raises ConfigError for a dtype, model or tokenizer GGUF cannot carry."""
-    import gguf
+    weights in `dtype`. Raises ConfigError for a dtype, model or tokenizer GGUF cannot carry, or without gguf."""
+    gguf = require_gguf()
 
     if dtype not in DTYPES:
         raise ConfigError(f"dtype={dtype!r}: choose {', '.join(DTYPES)}")
@@ -59,6 +61,15 @@ def write_gguf(model: nn.Module, tokenizer, path: str | Path, dtype: str = "f16"
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def require_gguf():
+    """The gguf package, or ConfigError with its install line."""
+    try:
+        import gguf
+    except ImportError:
+        raise ConfigError(f"GGUF files need the gguf package: {INSTALL}") from None
+    return gguf
 
 
 def _tensor_type(array: np.ndarray, dtype: str):
@@ -156,7 +167,7 @@ def _tokenizer(writer, tokenizer, model) -> None:
 
     vocab = model.config.vocab_size
     if isinstance(tokenizer, BPETokenizer) and tokenizer.name == "gpt2":
-        tokens, merges = gpt2_vocabulary(tokenizer)
+        tokens, merges = gpt2_vocabulary()
         if len(tokens) != vocab:
             raise ConfigError(f"format=gguf: the model's vocabulary has {vocab} rows but GPT-2's BPE {len(tokens)} "
                               f"tokens; GGUF readers expect one row a token")
@@ -194,11 +205,12 @@ def _tokenizer(writer, tokenizer, model) -> None:
                       f"read; a character-level model has no GGUF tokenizer to carry it")
 
 
-def gpt2_vocabulary(tokenizer: BPETokenizer) -> tuple[list[str], list[str]]:
+@cache
+def gpt2_vocabulary() -> tuple[list[str], list[str]]:
     """GPT-2's tokens as byte-level BPE strings (bytes mapped to printable characters, as in HF's vocab.json) and
     its merges ("Ġ t"), rebuilt from tiktoken's ranks: the merge that makes a token is the last step of BPE over
-    its own bytes with the ranks below its own."""
-    encoding = tokenizer.encoding
+    its own bytes with the ranks below its own. Built once (0.6 s)."""
+    encoding = gpt2_tokenizer().encoding
     ranks = encoding._mergeable_ranks
     printable = _bytes_to_unicode()
     text = {token: "".join(printable[b] for b in token) for token in ranks}
@@ -240,8 +252,8 @@ def _bytes_to_unicode() -> dict[int, str]:
 def read_gguf(path: str | Path):
     """(model, tokenizer) from a GGUF file of llama.cpp's `gpt2` or `llama` architecture, every weight dequantized to
     float32. Raises ConfigError naming what is wrong: not a GGUF file (or a truncated one), another architecture, a
-    tensor type gguf cannot dequantize, or a layout gptexp's models do not have."""
-    import gguf
+    tensor type gguf cannot dequantize, or a layout gptexp's models do not have (or without gguf installed)."""
+    gguf = require_gguf()
 
     try:
         reader = gguf.GGUFReader(str(path))
@@ -343,7 +355,7 @@ def _tokenizer_from(value, architecture: str, path):
     kind = value("tokenizer.ggml.model")
     tokens = value("tokenizer.ggml.tokens")
     if architecture == "gpt2" and kind == "gpt2":
-        if tokens != gpt2_vocabulary(gpt2_tokenizer())[0]:
+        if tokens != gpt2_vocabulary()[0]:
             raise ConfigError(f"{path}: its BPE vocabulary is not GPT-2's, the only BPE gptexp's GPT-2 reads")
         return gpt2_tokenizer()
     if architecture == "llama" and kind == "llama":

@@ -2,6 +2,7 @@
 reader), it gives gptexp's logits and tokenizes as gptexp does, for GPT-2 and LLaMA; read as source= it is the same
 model (f32: the same logits); a file or a request gptexp cannot serve is one line."""
 
+import os
 import runpy
 import sys
 
@@ -177,3 +178,51 @@ def test_a_gguf_gptexp_cannot_read_is_one_line(case, messages, written, tmp_path
     assert status == 2
     one_line_error(stderr, messages)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_gguf_file_is_a_finetuning_base(written, tmp_path, monkeypatch):
+    """model.checkpoint=<file.gguf> (GPT-2: model.pretrained=): the model and (for a LLaMA, as a file in gptexp's cache) the tokenizer come from
+    the file; a short LoRA run on it lowers the loss."""
+    import subprocess
+
+    from hydra import compose, initialize_config_dir
+
+    from gptexp import models
+    from gptexp.config import CONF_DIR
+    from gptexp.data.tokenizers import load_tokenizer
+    from training import ROOT, column, metrics
+
+    monkeypatch.setenv("GPTEXP_CACHE", str(tmp_path / "cache"))
+    originals, paths = written
+    x = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    for name, config, key in (("gpt2", "gpt2", "pretrained"), ("llama", "llama2", "checkpoint")):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose("train", overrides=[f"model={config}", f"model.{key}={paths[name, 'f32']}"])
+        tokenizer = load_tokenizer(models.tokenizer_spec(cfg.model))
+        built = models.build(cfg.model, vocab_size=tokenizer.vocab_size).eval()
+        with torch.inference_mode():
+            assert torch.equal(built(x)[0], originals[name](x)[0])
+        assert tokenizer.encode(TEXTS[0]) == load_source(str(paths[name, "f32"])).tokenizer.encode(TEXTS[0])
+    assert len(list((tmp_path / "cache" / "tokenizers").glob("sp-*.model"))) == 1
+
+    result = subprocess.run([sys.executable, "train.py", "model=llama2", f"model.checkpoint={paths['llama', 'q4_0']}",
+                             "finetune=lora", "data=tinystories", "data.source=bundled", "data.seq_len=64",
+                             "data.batch_size=8", "trainer.max_steps=8", "trainer.val_check_interval=8",
+                             "trainer.limit_val_batches=4", "optim.lr=1e-2", "logger=csv",
+                             "callbacks.samples.max_new_tokens=4", f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600,
+                            env=os.environ | {"GPTEXP_CACHE": str(tmp_path / "cache"), "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = [loss for _, loss in column(metrics(tmp_path / "run"), "val/loss")]
+    assert len(losses) == 2 and losses[1] < losses[0]
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_gguf_base_of_another_architecture_is_one_line(written, tmp_path, monkeypatch, capfd):
+    _, paths = written
+    status, stderr = in_process("train.py", ["model=gpt2", f"model.pretrained={paths['llama', 'f32']}",
+                                             "data.seq_len=32", "logger=csv", f"hydra.run.dir={tmp_path / 'run'}"],
+                                monkeypatch, capfd)
+    assert status == 2
+    one_line_error(stderr, ["holds GGUF's llama architecture, not a GPT2; use model=llama2"])
+    assert not (tmp_path / "run").exists()

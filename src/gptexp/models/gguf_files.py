@@ -14,6 +14,7 @@ llama.cpp and Meta's LLaMA tokenizer do.
 
 from __future__ import annotations
 
+import os
 from functools import cache
 from pathlib import Path
 
@@ -21,11 +22,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from gptexp.config import ConfigError
+from gptexp.config import CACHE_DIR, ConfigError
 from gptexp.data.tokenizers import BPETokenizer, SentencePieceTokenizer, gpt2_tokenizer
 from gptexp.models.gpt2 import GPT2, GPT2Config
 from gptexp.models.llama import Llama, LlamaConfig
 from gptexp.models.quantize import QuantizedEmbedding, QuantizedLinear
+from gptexp.writing import write_atomically
 
 DTYPES = ("f32", "f16", "q8_0", "q4_0")
 INSTALL = 'pip install gguf (or pip install -e ".[gguf]")'
@@ -249,25 +251,13 @@ def _bytes_to_unicode() -> dict[int, str]:
     return chars
 
 
-def read_gguf(path: str | Path):
+def read_gguf(path: str | Path, dropout: float = 0.0):
     """(model, tokenizer) from a GGUF file of llama.cpp's `gpt2` or `llama` architecture, every weight dequantized to
-    float32. Raises ConfigError naming what is wrong: not a GGUF file (or a truncated one), another architecture, a
-    tensor type gguf cannot dequantize, or a layout gptexp's models do not have (or without gguf installed)."""
+    float32 (a GPT-2 with `dropout`, for finetuning). Raises ConfigError naming what is wrong: not a GGUF file (or a
+    truncated one), another architecture, a tensor type gguf cannot dequantize, or a layout gptexp's models do not
+    have (or without gguf installed)."""
     gguf = require_gguf()
-
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except (ValueError, OSError, IndexError, KeyError) as error:  # what a short or foreign file raises in gguf's reader
-        raise ConfigError(f"{path} is not a readable GGUF file ({error}): truncated, or not GGUF") from None
-
-    def value(key, default=None):
-        """A metadata value; a float32 one (1e-5 read as 9.99999974e-06) to the 7 digits it holds."""
-        found = reader.fields[key].contents() if key in reader.fields else default
-        return float(f"{found:.7g}") if isinstance(found, float) else found
-
-    architecture = value("general.architecture")
-    if architecture not in ("gpt2", "llama"):
-        raise ConfigError(f"{path} holds a {architecture!r} model; gptexp reads GGUF's gpt2 and llama architectures")
+    reader, value, architecture = _open(path)
     tensors = {}
     for tensor in reader.tensors:
         kind = gguf.GGMLQuantizationType(tensor.tensor_type)
@@ -283,8 +273,10 @@ def read_gguf(path: str | Path):
     missing = [key for key in needed if value(key) is None] + [n for n in ("token_embd.weight",) if n not in tensors]
     if missing:
         raise ConfigError(f"{path} lacks what a {architecture} model needs: {', '.join(missing)}")
-    build = _gpt2_from if architecture == "gpt2" else _llama_from
-    model, state = build(value, tensors, path)
+    if architecture == "gpt2":
+        model, state = _gpt2_from(value, tensors, path, dropout)
+    else:
+        model, state = _llama_from(value, tensors, path)
     missing = [name for name, tensor in state.items() if tensor is None]
     if missing:
         raise ConfigError(f"{path} lacks tensors a {architecture} model needs: the GGUF names of {missing[:3]}")
@@ -300,7 +292,51 @@ def read_gguf(path: str | Path):
     return model.eval(), _tokenizer_from(value, architecture, path)
 
 
-def _gpt2_from(value, tensors: dict, path):
+def read_model(path: str | Path, model_cls: type, dropout: float = 0.0) -> nn.Module:
+    """The model of a GGUF file, as a finetuning base (model.checkpoint=<file.gguf>): read_gguf's, which must be a
+    `model_cls` (GPT2 or Llama)."""
+    model, _ = read_gguf(path, dropout)
+    if not isinstance(model, model_cls):
+        arch, config = ("gpt2", "gpt2") if isinstance(model, GPT2) else ("llama", "llama2")
+        raise ConfigError(f"{path} holds GGUF's {arch} architecture, not a {model_cls.__name__}; use model={config}")
+    return model
+
+
+def sentencepiece_file(path: str | Path) -> Path:
+    """The SentencePiece model a llama GGUF file carries, as a file in gptexp's cache (written once), for what
+    reads tokenizers from files (model.tokenizer, the data pipeline)."""
+    _, value, architecture = _open(path)
+    tokenizer = _tokenizer_from(value, architecture, path)
+    if not isinstance(tokenizer, SentencePieceTokenizer):
+        raise ConfigError(f"{path} holds a {architecture} model with GPT-2's BPE, not a SentencePiece tokenizer")
+    file = Path(os.environ.get("GPTEXP_CACHE", CACHE_DIR)).expanduser() / "tokenizers" / f"{tokenizer.name}.model"
+    if not file.is_file():
+        file.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(file, lambda f: f.write(tokenizer.model_bytes))
+    return file
+
+
+def _open(path: str | Path):
+    """(reader, value, architecture) of a GGUF file: `value(key, default)` reads a metadata value (a float32 one,
+    1e-5 read as 9.99999974e-06, to the 7 digits it holds). Raises ConfigError for an unreadable file or an
+    architecture gptexp lacks."""
+    gguf = require_gguf()
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except (ValueError, OSError, IndexError, KeyError) as error:  # what a short or foreign file raises in gguf's reader
+        raise ConfigError(f"{path} is not a readable GGUF file ({error}): truncated, or not GGUF") from None
+
+    def value(key, default=None):
+        found = reader.fields[key].contents() if key in reader.fields else default
+        return float(f"{found:.7g}") if isinstance(found, float) else found
+
+    architecture = value("general.architecture")
+    if architecture not in ("gpt2", "llama"):
+        raise ConfigError(f"{path} holds a {architecture!r} model; gptexp reads GGUF's gpt2 and llama architectures")
+    return reader, value, architecture
+
+
+def _gpt2_from(value, tensors: dict, path, dropout: float):
     width, ff = value("gpt2.embedding_length"), value("gpt2.feed_forward_length")
     if ff != 4 * width or abs(value("gpt2.attention.layer_norm_epsilon", 1e-5) - 1e-5) > 1e-9:
         raise ConfigError(f"{path}: a GPT-2 variant (feed-forward {ff} for width {width}, or a LayerNorm epsilon "
@@ -310,7 +346,7 @@ def _gpt2_from(value, tensors: dict, path):
         raise ConfigError(f"{path}: its output head differs from its token embedding; gptexp's GPT-2 ties them")
     config = GPT2Config(block_size=value("gpt2.context_length"), vocab_size=embedding.size(0),
                         n_layer=value("gpt2.block_count"), n_head=value("gpt2.attention.head_count"), n_embd=width,
-                        bias="output_norm.bias" in tensors)
+                        bias="output_norm.bias" in tensors, dropout=dropout)
     with torch.device("meta"):
         model = GPT2(config)
     parts = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",

@@ -182,7 +182,11 @@ class GPT2(LanguageModel):
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, dropout: float = 0.0) -> GPT2:
         """Load an HF GPT-2 checkpoint: a local directory (config.json + safetensors or .bin) or a hub id
-        (gpt2, gpt2-medium, gpt2-large, gpt2-xl, or any GPT-2 repository)."""
+        (gpt2, gpt2-medium, gpt2-large, gpt2-xl, or any GPT-2 repository); or llama.cpp's .gguf file, dequantized."""
+        if str(name_or_path).endswith(".gguf"):
+            from gptexp.models.gguf_files import read_model
+
+            return read_model(name_or_path, cls, dropout)
         directory = resolve_pretrained(name_or_path, allow_patterns=["config.json", "*.safetensors", "*.json"])
         config = config_from_hf(read_json(directory / "config.json"), dropout=dropout)
         with torch.device("meta"):

@@ -219,7 +219,12 @@ class Llama(LanguageModel):
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike) -> Llama:
-        """Load a HF directory or hub id, a Meta directory (params.json + consolidated.*.pth) or a llama2.c .bin."""
+        """Load a HF directory or hub id, a Meta directory (params.json + consolidated.*.pth), a llama2.c .bin or
+        llama.cpp's .gguf file (dequantized)."""
+        if str(path_or_id).endswith(".gguf"):
+            from gptexp.models.gguf_files import read_model
+
+            return read_model(path_or_id, cls)
         fields, state, source = read_llama(path_or_id)
         config = LlamaConfig(**fields)
         with torch.device("meta"):

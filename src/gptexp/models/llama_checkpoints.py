@@ -77,8 +77,13 @@ def read_llama(path_or_id: str | os.PathLike) -> Weights:
 
 def tokenizer_file(path_or_id: str | os.PathLike) -> Path:
     """The SentencePiece model that belongs to a checkpoint: tokenizer.model in an HF directory, in a Meta
-    directory or its parent (Meta's download layout), or the one *.model file beside a llama2.c .bin."""
+    directory or its parent (Meta's download layout), the one *.model file beside a llama2.c .bin, or the one a
+    .gguf file carries (written to gptexp's cache)."""
     path = Path(path_or_id).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        from gptexp.models.gguf_files import sentencepiece_file
+
+        return sentencepiece_file(path)
     if not path.exists():
         path = resolve_pretrained(path_or_id, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"])
     if path.is_file():

@@ -75,9 +75,3 @@ def test_unknown_target_module_lists_the_real_ones():
     with pytest.raises(ConfigError, match=r"\['qkv'\] match no linear layer of the model; its linear layers are "
                                           r"\['down_proj', 'gate_proj', 'k_proj', 'lm_head', 'o_proj', 'q_proj'"):
         finetune.apply(gptexp_copy(hf_reference()), {"method": "lora", "target_modules": ["qkv"]})
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusal")
-def test_qlora_is_refused_on_cpu_with_the_way_out():
-    with pytest.raises(ConfigError, match="needs a CUDA GPU and bitsandbytes; on a CPU use finetune=lora"):
-        finetune.apply(gptexp_copy(hf_reference()), {"method": "lora", "quantize": "4bit"})

@@ -237,11 +237,11 @@ def test_sample_and_evaluate_take_quantize_and_export_writes_a_file_they_read(tm
 
 
 @pytest.mark.parametrize("command, arguments, messages", [
-    ("sample", ["quantize=int3"], ["quantize='int3': choose int8 or int4"]),
+    ("sample", ["quantize=int3"], ["quantize='int3': choose int8, int4 or nf4"]),
     ("sample", ["quantize=int4", "quantize_group_size=48"], ["quantize_group_size=48: the int4 kernels take groups of 32"]),
     ("sample", ["quantize=int4"], ["layer model.layers.0.self_attn.q_proj has 64 inputs, which groups of 128 do not "
                                    "divide", "choose a quantize_group_size that divides it"]),
-    ("evaluate", ["quantize=int3"], ["quantize='int3': choose int8 or int4"]),
+    ("evaluate", ["quantize=int3"], ["quantize='int3': choose int8, int4 or nf4"]),
     ("export", ["format=quantized", "output=q.safetensors"], ["format=quantized needs quantize=int8 or quantize=int4"]),
     ("export", ["format=quantized", "quantize=int8", "output=q.bin"], ["a quantized model is one .safetensors file"]),
     ("sample", ["source=<junk>"], ["junk.safetensors is not a readable safetensors file", "export format=quantized"]),

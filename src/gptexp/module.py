@@ -12,7 +12,7 @@ from torchmetrics import MeanMetric
 
 from gptexp.config import ConfigError
 from gptexp.finetune.objectives import NextToken
-from gptexp.models import LanguageModel
+from gptexp.models import LanguageModel, nf4
 from gptexp.optim import OptimConfig, build_optimizer, lr_at, unscales_inside
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,8 @@ class LanguageModelModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
+        if nf4.is_quantized_state(checkpoint["state_dict"]):  # a QLoRA run resumes on the NF4 base it saved
+            nf4.load_state(self, checkpoint["state_dict"])
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         return self.model(idx, targets)

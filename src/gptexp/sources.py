@@ -26,6 +26,7 @@ from gptexp.config import ConfigError
 from gptexp.data.tokenizers import gpt2_tokenizer, load_tokenizer, tokenizer_from_state, tokenizer_state
 from gptexp.models import ARCHITECTURES, GPT2, LanguageModel, Llama
 from gptexp.models import quantize as quantization
+from gptexp.models import nf4
 from gptexp.models.llmc import MODEL_MAGIC, read_model
 from gptexp.models.pretrained import read_json, resolve_pretrained
 from gptexp.safe_load import UnsafeFileError, trusting
@@ -53,22 +54,24 @@ class Source:
               group_size: int = quantization.DEFAULT_GROUP_SIZE) -> str:
         """Move the model to `device` (auto | cpu | cuda) in `precision` (fp32 | bf16: the weights, or with
         `quantize` the activations and what stays unquantized), its linear layers quantized to `quantize` (int8 |
-        int4, groups of `group_size`; gptexp.models.quantize) where they are not already; returns the device's
-        name. Bad values raise ConfigError naming the choices."""
+        int4, groups of `group_size`: gptexp.models.quantize; nf4 but the head: gptexp.models.nf4) where they are
+        not already; returns the device's name. Bad values raise ConfigError naming the choices."""
         if precision not in PRECISIONS:
             raise ConfigError(f"precision={precision!r}: choose fp32 or bf16")
         if device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device={device!r}: choose auto, cpu or cuda")
         if device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device=cuda, but torch sees no CUDA device here; use device=cpu (or auto)")
-        quantization.check(quantize, group_size)
+        quantization.check(quantize, group_size, quantization.LOADING_SCHEMES)
         held = getattr(self.model, "quantization", None)
         if held and quantize and quantize != held["scheme"]:
             raise ConfigError(f"quantize={quantize}: the source is already quantized to {held['scheme']}; leave "
                               f"quantize unset to use it as it is, or quantize the unquantized model")
         name = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
         self.model = self.model.to(device=name, dtype=PRECISIONS[precision]).eval()
-        if quantize and not held:
+        if quantize == "nf4" and not held:
+            nf4.quantize(self.model, name, "quantize=nf4")
+        elif quantize and not held:
             quantization.quantize(self.model, quantize, group_size)
         return name
 
@@ -147,6 +150,8 @@ def _from_checkpoint(path: Path) -> Source:
     model_cls, config_cls = next(v for v in ARCHITECTURES.values() if v[0].__name__ == spec["class"])
     model = model_cls(config_cls(**spec["config"]))
     weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")}
+    if nf4.is_quantized_state(weights):  # a QLoRA run: its NF4 base, dequantized (the adapter is merged below)
+        weights = nf4.dequantized(weights, f"reading {path}, a QLoRA run's checkpoint,")
     if any("lora_" in k for k in weights):
         model = _with_adapter(model, weights, state.get("gptexp_lora") or _run_lora(path), path)
     else:

@@ -210,7 +210,7 @@ def evaluate(cfg: DictConfig) -> dict:
         raise ConfigError(f"task={cfg.task!r}: choose {', '.join(TASKS[:-1])} or {TASKS[-1]}")
     if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
         raise ConfigError(f"batch_size must be an integer >= 1, got {cfg.batch_size!r}")
-    quantization.check(cfg.quantize, cfg.quantize_group_size)
+    quantization.check(cfg.quantize, cfg.quantize_group_size, quantization.LOADING_SCHEMES)
     source = load_source(str(cfg.source), cfg.checkpoint, cfg.trust_checkpoint)
     source.place(cfg.device, cfg.precision, cfg.quantize, cfg.quantize_group_size)
     model = source.model

@@ -107,7 +107,7 @@ def encode(tokenizer, text: str, context: int, crop: bool) -> list[int]:
 def check(cfg: DictConfig) -> None:
     if cfg.precision not in PRECISIONS:
         raise ConfigError(f"precision={cfg.precision!r}: choose fp32 or bf16")
-    quantization.check(cfg.quantize, cfg.quantize_group_size)
+    quantization.check(cfg.quantize, cfg.quantize_group_size, quantization.LOADING_SCHEMES)
     for key in ("draft_tokens", "ngram_size"):
         if not isinstance(cfg[key], int) or cfg[key] < 1:
             raise ConfigError(f"{key} must be an integer >= 1, got {cfg[key]!r}")

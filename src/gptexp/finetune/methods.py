@@ -1,5 +1,6 @@
 """Finetuning methods, what trains: `full` (every parameter) and `lora` through peft (base weights frozen,
-only the low-rank adapters train), optionally on a 4-bit quantized base (QLoRA, CUDA + bitsandbytes).
+only the low-rank adapters train), optionally on a 4-bit quantized base (QLoRA: the base in NF4 through
+bitsandbytes, on CUDA or a CPU; gptexp.models.nf4).
 
 Adapters are saved in peft's format (adapter_config.json + adapter_model.safetensors); since
 gptexp's parameter names are HF's, they load into transformers models with `peft.PeftModel`.
@@ -18,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from gptexp.config import ConfigError, build_dataclass
-from gptexp.models import LanguageModel
+from gptexp.models import LanguageModel, nf4
 from gptexp.writing import writing
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ class FinetuneConfig:
     alpha: int = 16  # LoRA scale numerator: updates are scaled by alpha / r
     dropout: float = 0.05  # dropout on the LoRA branch's input
     target_modules: tuple[str, ...] | None = None  # module names that get adapters; null: the model's default
-    quantize: str | None = None  # 4bit: QLoRA (the frozen base in NF4; CUDA with bitsandbytes only)
+    quantize: str | None = None  # 4bit: QLoRA (the frozen base in NF4 through bitsandbytes)
     save_merged: bool = False  # also write the base with the adapter merged in, as a plain checkpoint
     # the objective (gptexp.finetune.objectives): what the loss is
     objective: str = "auto"  # auto (what the data holds) | next_token | instruction | preference
@@ -82,24 +83,9 @@ def apply(model: LanguageModel, cfg: Mapping[str, Any]) -> nn.Module:
 
 
 def quantize_4bit(model: LanguageModel) -> None:
-    """Replace every linear layer but the output head with a bitsandbytes NF4 layer, on the GPU."""
-    if not torch.cuda.is_available():
-        raise ConfigError("finetune.quantize=4bit (QLoRA) needs a CUDA GPU and bitsandbytes; on a CPU use "
-                          "finetune=lora without quantize")
-    try:
-        import bitsandbytes as bnb
-    except ImportError as error:
-        raise ConfigError("finetune.quantize=4bit needs bitsandbytes: pip install bitsandbytes") from error
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and child is not getattr(model, "lm_head", None):
-                layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                          compute_dtype=torch.bfloat16, quant_type="nf4")
-                layer.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4")
-                if child.bias is not None:
-                    layer.bias = child.bias
-                setattr(parent, name, layer)
-    model.cuda()  # Params4bit quantizes on the move to the GPU
+    """QLoRA's base: every linear layer but the output head in NF4 (bitsandbytes), quantized on the GPU where
+    there is one, else on the CPU."""
+    nf4.quantize(model, "cuda" if torch.cuda.is_available() else "cpu", "finetune.quantize=4bit", training=True)
 
 
 def save(model: nn.Module, directory: str | Path, merged: bool = False) -> None:

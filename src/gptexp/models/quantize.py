@@ -28,15 +28,18 @@ from gptexp.models import kernels
 log = logging.getLogger(__name__)
 
 SCHEMES = ("int8", "int4")
+# what `sample` and `evaluate` can load a model in: gptexp's schemes, or bitsandbytes' NF4 (gptexp.models.nf4)
+LOADING_SCHEMES = (*SCHEMES, "nf4")
 GROUP_SIZES = (32, 64, 128, 256)
 DEFAULT_GROUP_SIZE = 128  # int4: chosen by the perplexity it costs (docs/benchmarks.md, "Quantized decoding")
 INT4_ROWS = 16  # the int4 kernels take output channels in blocks (CPU: of 16, CUDA: of 8)
 
 
-def check(scheme: str | None, group_size: int = DEFAULT_GROUP_SIZE) -> None:
-    """Raise ConfigError for a scheme or group size gptexp cannot quantize with."""
-    if scheme is not None and scheme not in SCHEMES:
-        raise ConfigError(f"quantize={scheme!r}: choose int8 or int4 (weight-only), or null for none")
+def check(scheme: str | None, group_size: int = DEFAULT_GROUP_SIZE, schemes: tuple[str, ...] = SCHEMES) -> None:
+    """Raise ConfigError for a scheme outside `schemes`, or a group size gptexp cannot quantize with."""
+    if scheme is not None and scheme not in schemes:
+        raise ConfigError(f"quantize={scheme!r}: choose {', '.join(schemes[:-1])} or {schemes[-1]} (weight-only), "
+                          f"or null for none")
     if scheme == "int4" and group_size not in GROUP_SIZES:
         raise ConfigError(f"quantize_group_size={group_size!r}: the int4 kernels take groups of "
                           f"{', '.join(map(str, GROUP_SIZES))}")

@@ -70,15 +70,17 @@ def apply(model: LanguageModel, cfg: Mapping[str, Any]) -> nn.Module:
     if missing:
         raise ConfigError(f"finetune.target_modules: {missing} match no linear layer of the model; "
                           f"its linear layers are {sorted(names)}")
+    total = model.num_parameters()  # counted before NF4 packs two weights a byte
     if config.quantize:
         quantize_4bit(model)
-    from peft import LoraConfig, get_peft_model
+    with nf4.quiet_import():
+        from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=targets)
     peft_model = get_peft_model(model, lora)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    log.info("LoRA r=%d on %s: %d trainable parameters (%.2f%% of %d)", config.r, targets, trainable,
-             100 * trainable / model.num_parameters(), model.num_parameters())
+    log.info("LoRA r=%d on %s%s: %d trainable parameters (%.2f%% of %d)", config.r, targets,
+             " over an NF4 base (QLoRA)" if config.quantize else "", trainable, 100 * trainable / total, total)
     return peft_model
 
 

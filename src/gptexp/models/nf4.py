@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -22,20 +23,28 @@ log = logging.getLogger(__name__)
 QUANT_STATE = ".weight.quant_state.bitsandbytes__nf4"  # the key that marks a layer bitsandbytes wrote in NF4
 
 
+@contextmanager
+def quiet_import():
+    """Around the first import of bitsandbytes (peft imports it too, where it is installed): its CPU backend asks
+    the `kernels` package (a transformers dependency) for a faster kernel from the Hugging Face hub, and logs the
+    refusal as a warning on every run; bitsandbytes then keeps its own kernel."""
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def require_bitsandbytes(option: str):
     """bitsandbytes, or a ConfigError with the install line naming `option`."""
-    # bitsandbytes' CPU backend asks the `kernels` package (a transformers dependency) for a faster kernel from the
-    # Hugging Face hub at import time; the hub's answer is a warning, and bitsandbytes keeps its own kernel
-    quiet = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
     try:
-        import bitsandbytes
+        with quiet_import():
+            import bitsandbytes
     except ImportError as error:
         raise ConfigError(f"{option} needs bitsandbytes: pip install bitsandbytes (or pip install -e \".[qlora]\")") \
             from error
-    finally:
-        quiet.setLevel(level)
     return bitsandbytes
 
 
@@ -50,8 +59,9 @@ def quantize(model: nn.Module, device: str, option: str, training: bool = False)
     bnb = require_bitsandbytes(option)
     start = time.perf_counter()
     head = getattr(model, "lm_head", None)
-    linears = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear and m is not head]
-    for name, linear in linears:
+    names = [name for name, m in model.named_modules() if type(m) is nn.Linear and m is not head]
+    for name in names:  # by name: a list of the layers would hold every float weight to the end
+        linear = model.get_submodule(name)
         layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
                                   compute_dtype=torch.bfloat16, quant_type="nf4", device="meta")
         layer.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4", module=layer)
@@ -59,9 +69,11 @@ def quantize(model: nn.Module, device: str, option: str, training: bool = False)
             layer.bias = linear.bias
         layer.support_avx512bf16_for_cpu &= not training and linear.out_features % 32 == linear.in_features % 64 == 0
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer)
-    model.to(device)  # Params4bit quantizes on its move to a device
-    log.info("quantized %d linear layers to nf4 (bitsandbytes, on %s) in %.1f s", len(linears), device,
+        # quantized as it replaces the layer (Params4bit quantizes on its move to a device): one float weight at
+        # a time is freed, rather than every one held until the end
+        setattr(model.get_submodule(parent) if parent else model, child, layer.to(device))
+    model.to(device)
+    log.info("quantized %d linear layers to nf4 (bitsandbytes, on %s) in %.1f s", len(names), device,
              time.perf_counter() - start)
     return model
 

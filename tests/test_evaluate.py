@@ -150,3 +150,11 @@ def test_results_go_to_a_wandb_run_of_job_type_eval(tmp_path):
     logged = [item["history"]["item"] for item in items if "history" in item]
     assert logged and logged[-1]["eval/perplexity"] == pytest.approx(results["perplexity"], rel=1e-12)
     assert logged[-1]["eval/tokens"] == results["tokens"]
+
+
+def test_a_character_model_refuses_a_text_with_characters_it_never_saw(run_dir, tmp_path):
+    result = evaluate(f"source={run_dir}", f"text={ROOT / 'src/gptexp/assets/tinystories_sample.txt'}",
+                      out=tmp_path / "out", status=2)
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and "character '\"' is not in this 65-character vocabulary" in errors[0], result.stderr
+    assert "score a text the model's vocabulary covers" in errors[0] and not (tmp_path / "out").exists()

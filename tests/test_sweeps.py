@@ -12,18 +12,33 @@ from training import ROOT, column, metrics, train
 SHORT = ["trainer.max_steps=20", "callbacks.samples.at_steps=[]", "callbacks.samples.after_validation=false"]
 
 
-def wandb_run(job_dir: Path) -> dict:
-    (record,) = job_dir.glob("wandb/offline-run-*/run-*.wandb")
-    lines = subprocess.run([str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--json", str(record)],
-                           capture_output=True, text=True, check=True).stdout.splitlines()
-    return next(json.loads(line)["run"] for line in lines if '"type":"run"' in line)
+def wandb_runs(directory: Path) -> list[dict]:
+    """What wandb recorded of each run under `directory`/wandb, read back by wandb's own reader, in start order."""
+    runs = []
+    for record in sorted(directory.glob("wandb/offline-run-*/run-*.wandb")):
+        lines = subprocess.run([str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--json", str(record)],
+                               capture_output=True, text=True, check=True).stdout.splitlines()
+        runs.append(next(json.loads(line)["run"] for line in lines if '"type":"run"' in line))
+    return runs
 
 
-def test_grid_jobs_are_wandb_runs_grouped_by_the_sweep(sweep_dir):
-    runs = [wandb_run(sweep_dir / job) for job in ("0", "1")]
-    assert {run["run_group"] for run in runs} == {str(sweep_dir)}
-    assert "optim.lr=0.001" in runs[0]["display_name"] and "optim.lr=0.003" in runs[1]["display_name"]
-    assert runs[0]["run_id"] != runs[1]["run_id"]
+def test_a_sweep_is_one_wandb_directory_of_runs_named_and_grouped_by_what_they_vary(sweep_dir, tmp_path):
+    """`wandb leet <sweep>/wandb` shows every job: each a run in the sweep's group, named by its swept value
+    (TINY's fixed keys are not), which its config holds too; an evaluation of a job joins it there."""
+    assert not list(sweep_dir.glob("*/wandb"))  # no job keeps a wandb folder of its own
+    runs = wandb_runs(sweep_dir)
+    assert [run["display_name"] for run in runs] == ["optim.lr=0.001", "optim.lr=0.003"]
+    assert {run["run_group"] for run in runs} == {str(sweep_dir)} and runs[0]["run_id"] != runs[1]["run_id"]
+    assert [run["config"]["update"]["swept"] for run in runs] == [{"optim.lr": "0.001"}, {"optim.lr": "0.003"}]
+
+    result = subprocess.run([sys.executable, "-m", "gptexp", "evaluate", f"source={sweep_dir / '1'}", "checkpoint=last",
+                             f"hydra.run.dir={tmp_path / 'eval'}"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluation = wandb_runs(sweep_dir)[-1]
+    assert (evaluation["job_type"], evaluation["run_group"]) == ("eval", str(sweep_dir))
+    assert evaluation["display_name"] == "eval: optim.lr=0.003"
+    assert not (tmp_path / "eval" / "wandb").exists()
 
 
 def test_joblib_runs_jobs_in_parallel_into_one_sweep_directory(tmp_path):

@@ -13,11 +13,13 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from contextlib import suppress
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from omegaconf import DictConfig
 
 from gptexp.writing import WriteError, replace_atomically, writing
 
@@ -192,15 +194,45 @@ class ResilientWandbLogger(WandbLogger):
         return experiment
 
 
-def sweep_job() -> tuple[str, str] | None:
-    """(sweep directory, this job's overrides) when Hydra runs a multirun, else None."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
+@dataclass
+class RunPlace:
+    """Where a run's wandb run goes and what it is called: `directory` holds the `wandb/` folder (a sweep's
+    directory for each of its jobs, so that `wandb leet <sweep>/wandb` shows them all; else the run's own), `group`
+    gathers a sweep's runs (and a run's evaluations), `name` says what sets a sweep's job apart (`optim.lr=0.003`;
+    None outside a sweep: wandb's own) and `swept` holds those values."""
+    directory: str
+    group: str
+    name: str | None = None
+    swept: dict = field(default_factory=dict)
 
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+
+def run_place(hydra: DictConfig) -> RunPlace:
+    """The RunPlace of the run Hydra's config `hydra` describes: the running job's (HydraConfig.get()) or a finished
+    run's (its .hydra/hydra.yaml)."""
+    if getattr(hydra.mode, "name", hydra.mode) != "MULTIRUN":  # a RunMode, or its name in a saved hydra.yaml
+        return RunPlace(hydra.runtime.output_dir, hydra.runtime.output_dir)
+    sweep = Path(hydra.sweep.dir)
+    directory = sweep if sweep.is_absolute() else Path(hydra.runtime.cwd) / sweep
+    keys = swept_keys(directory / "multirun.yaml")
+    values = dict(override.lstrip("+~").split("=", 1) for override in hydra.overrides.task if "=" in override)
+    swept = {key: value for key, value in values.items() if keys is None or key in keys}
+    name = ", ".join(f"{key}={value}" for key, value in swept.items()) or "defaults"
+    return RunPlace(str(directory), hydra.sweep.dir, name, swept)
+
+
+def swept_keys(multirun_yaml: Path) -> set[str] | None:
+    """The keys a sweep varies, from the multirun.yaml Hydra writes in its directory: command-line overrides with
+    more than one value, and the sweeper's params (an experiment's grid, Optuna's search space); None without
+    the file."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    if not multirun_yaml.is_file():
         return None
-    hydra = HydraConfig.get()
-    return hydra.sweep.dir, f"{hydra.job.num}: {hydra.job.override_dirname or 'defaults'}"
+    hydra = OmegaConf.load(multirun_yaml).hydra
+    overrides = OverridesParser.create().parse_overrides(list(hydra.overrides.task))
+    params = (hydra.get("sweeper") or {}).get("params") or {}
+    return {o.key_or_group for o in overrides if o.is_sweep_override()} | set(params)
 
 
 def wandb_logger(save_dir: str, project: str = "gptexp", mode: str = "auto", group: str | None = None,
@@ -208,8 +240,8 @@ def wandb_logger(save_dir: str, project: str = "gptexp", mode: str = "auto", gro
     """A WandbLogger writing under `save_dir/wandb`. mode=auto: WANDB_MODE if set, else online only
     when an API key is configured, otherwise offline (sync later with `wandb sync <run folder>`).
     Online, the server must answer within `connect_timeout_s`, or the run logs offline and says so.
-    In a Hydra multirun each job is one run, grouped by the sweep directory and named by its overrides,
-    unless group / name are given."""
+    In a Hydra job, unless group / name are given, the run goes where `run_place` says: a sweep's jobs into one
+    `<sweep>/wandb`, grouped by the sweep and named by their swept values (also in their config)."""
     if mode not in WANDB_MODES:
         raise ValueError(f"logger.wandb.mode must be one of {', '.join(WANDB_MODES)}, got {mode!r}")
     if mode == "auto":
@@ -218,9 +250,15 @@ def wandb_logger(save_dir: str, project: str = "gptexp", mode: str = "auto", gro
     offline_because = unreachable(wandb_url(), connect_timeout_s) if mode == "online" else None
     if offline_because:
         mode = "offline"
-    job = sweep_job()
-    if job:
-        group, name = group or job[0], name or job[1]
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized() and group is None and name is None:
+        place = run_place(HydraConfig.get())
+        if place.name is not None:  # a sweep's job
+            save_dir, group, name = place.directory, place.group, place.name
+            kwargs["config"] = {"swept": place.swept} | kwargs.get("config", {})
+        else:
+            group = place.group
     os.makedirs(save_dir, exist_ok=True)
     return ResilientWandbLogger(project=project, save_dir=save_dir, offline=mode == "offline", mode=mode,
                                 group=group, name=name, offline_because=offline_because, **kwargs)

@@ -31,6 +31,7 @@ from gptexp.cli import answered_errors, run_command
 from gptexp.config import CONF_DIR, ConfigError, build_dataclass
 from gptexp.data import DATASETS, DataConfig, HFTokens
 from gptexp.data.token_files import encode_documents
+from gptexp.loggers import RunPlace, run_place
 from gptexp.models import quantize as quantization
 from gptexp.scoring import ending_logprobs, perplexity, summary
 from gptexp.sources import load_source
@@ -111,7 +112,10 @@ def evaluate_perplexity(model, tokenizer, cfg: DictConfig) -> dict:
         ids, what = shard_tokens(cfg, tokenizer)
     else:
         docs, what = documents(cfg)
-        ids = torch.from_numpy(encode_documents(docs, tokenizer).astype("int64"))
+        try:
+            ids = torch.from_numpy(encode_documents(docs, tokenizer).astype("int64"))
+        except ValueError as error:  # a character-level model meets a character it never saw
+            raise ConfigError(f"{what}: {error}; score a text the model's vocabulary covers") from error
     window = cfg.window or model.context_length
     if not 1 < window <= model.context_length:
         raise ConfigError(f"window={window}: choose 2 to the model's context ({model.context_length})")
@@ -232,14 +236,28 @@ def evaluate(cfg: DictConfig) -> dict:
 
 
 def log_to_wandb(cfg: DictConfig, results: dict) -> None:
-    """The results as a wandb run of job type eval, in the training runs' project, its numbers in the summary."""
-    logger = hydra.utils.instantiate(cfg.logger.wandb, job_type="eval")
+    """The results as a wandb run of job type eval, in the training runs' project, its numbers in the summary. The
+    evaluation of a training run joins that run: its wandb directory (a sweep's, for a sweep's job) and its group,
+    named after it."""
+    place = training_run_place(Path(str(cfg.source)))
+    where = {"save_dir": place.directory, "group": place.group,
+             "name": f"eval: {place.name or Path(place.directory).name}"} if place else {}
+    logger = hydra.utils.instantiate(cfg.logger.wandb, job_type="eval", **where)
     logger.experiment.config.update({k: v for k, v in results.items() if isinstance(v, str)})
     numbers = {f"eval/{k}": v for k, v in results.items() if isinstance(v, (int, float))}
     numbers |= {f"eval/{task}/{k}": v for task, values in results.get("tasks", {}).items() for k, v in values.items()}
     logger.log_metrics(numbers)
     logger.experiment.summary.update(numbers)
     logger.experiment.finish()
+
+
+def training_run_place(source: Path) -> RunPlace | None:
+    """Where the training run `source` names (its directory, or a checkpoint in it) logged to wandb, or None."""
+    run = source.parent.parent if source.suffix == ".ckpt" else source
+    hydra_yaml = run / ".hydra" / "hydra.yaml"
+    if not hydra_yaml.is_file():
+        return None
+    return run_place(OmegaConf.load(hydra_yaml).hydra)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")

@@ -80,11 +80,12 @@ def run_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def sweep_dir(tmp_path_factory) -> Path:
-    """A tiny grid sweep through `train.py -m`: two learning rates, every callback measuring."""
+    """A tiny grid sweep through `train.py -m`: two learning rates, every callback measuring, every logger logging
+    (logger=many: metrics.csv, wandb, TensorBoard)."""
     from training import train
 
     sweep_dir = tmp_path_factory.mktemp("sweep")
-    result = train("optim.lr=1e-3,3e-3", "callbacks=all", "callbacks.memory.count_every=10", run_dir=sweep_dir,
-                   multirun=True)
+    result = train("optim.lr=1e-3,3e-3", "callbacks=all", "callbacks.memory.count_every=10", "logger=many",
+                   run_dir=sweep_dir, multirun=True)
     assert result.returncode == 0, result.stderr[-3000:]
     return sweep_dir

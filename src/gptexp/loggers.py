@@ -1,5 +1,6 @@
-"""Experiment loggers: a metrics.csv that keeps a run's history, and wandb that never prompts, never
-waits for a network it does not have, and never stops a run."""
+"""Experiment loggers: a metrics.csv that keeps a run's history, wandb that never prompts, never waits for a
+network it does not have, and never stops a run, and TensorBoard. A sweep's jobs log into one place per sweep
+(`run_place`), so that wandb leet and TensorBoard show them side by side."""
 
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
+from gptexp.config import ConfigError
 from gptexp.writing import WriteError, replace_atomically, writing
 
 log = logging.getLogger(__name__)
@@ -262,3 +265,51 @@ def wandb_logger(save_dir: str, project: str = "gptexp", mode: str = "auto", gro
     os.makedirs(save_dir, exist_ok=True)
     return ResilientWandbLogger(project=project, save_dir=save_dir, offline=mode == "offline", mode=mode,
                                 group=group, name=name, offline_because=offline_because, **kwargs)
+
+
+def current_place(save_dir: str) -> RunPlace:
+    """The running Hydra job's RunPlace; outside Hydra, a run in `save_dir`."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return run_place(HydraConfig.get()) if HydraConfig.initialized() else RunPlace(save_dir, save_dir)
+
+
+def require(module: str, option: str) -> None:
+    """Raise ConfigError with the install line when `module`, which `option` needs, is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(f"{option} needs {module}: pip install {module} (or pip install -e \".[tracking]\")")
+
+
+def tensorboard_directory(place: RunPlace) -> tuple[str, str]:
+    """(root, run): a run's TensorBoard events go to root/run. A sweep's jobs share the root
+    `<sweep>/tensorboard`, each in a folder named by its swept values; a single run's root is
+    `<run>/tensorboard`, its own events at the top."""
+    return str(Path(place.directory) / "tensorboard"), place.name or ""
+
+
+class HParamsTensorBoardLogger(TensorBoardLogger):
+    """Lightning's TensorBoardLogger, whose hyperparameters also reach TensorBoard's HParams tab, beside each run's
+    metrics, without the placeholder `hp_metric` scalar Lightning writes for that."""
+
+    @rank_zero_only
+    def log_hyperparams(self, params, metrics=None) -> None:
+        super().log_hyperparams(params, metrics)
+        if metrics is None:
+            from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
+            from torch.utils.tensorboard.summary import hparams
+
+            flat = self._sanitize_params(_flatten_dict(_convert_params(params)))
+            _, session_start, session_end = hparams(flat, {})
+            writer = self.experiment._get_file_writer()
+            # the sessions alone: TensorBoard builds the experiment from every run's (what differs, the scalars)
+            writer.add_summary(session_start)
+            writer.add_summary(session_end)
+
+
+def tensorboard_logger(save_dir: str, **kwargs) -> TensorBoardLogger:
+    """A TensorBoardLogger where `tensorboard_directory` says (`tensorboard --logdir <that root>`)."""
+    require("tensorboard", "logger=tensorboard")
+    root, run = tensorboard_directory(current_place(save_dir))
+    return HParamsTensorBoardLogger(save_dir=root, name="", version=run, default_hp_metric=False, **kwargs)

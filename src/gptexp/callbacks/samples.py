@@ -7,7 +7,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from gptexp.data.tokenizers import end_of_text_ids, prompt_ids
@@ -67,8 +67,15 @@ class TextSamples(L.Callback):
                                step=trainer.global_step)
             if isinstance(logger, WandbLogger):  # a wandb table is immutable: log all rows so far
                 logger.log_text(key="samples", columns=["step", "val_loss", "text"], data=self.rows)
+            elif isinstance(logger, TensorBoardLogger):  # TensorBoard's text tab shows markdown, a step at a time
+                logger.experiment.add_text("samples", self.entry(trainer.global_step, val_loss, text),
+                                           global_step=trainer.global_step)
+
+    @staticmethod
+    def entry(step: int, val_loss: float | None, text: str) -> str:
+        heading = f"## after {step} steps" + ("" if val_loss is None else f" (val/loss {val_loss:.4f})")
+        return f"{heading}\n\n```text\n{text}\n```\n\n"
 
     def write(self, step: int, val_loss: float | None, text: str) -> None:
-        heading = f"## after {step} steps" + ("" if val_loss is None else f" (val/loss {val_loss:.4f})")
         with writing(self.path), open(self.path, "a", encoding="utf-8") as f:  # the run directory is not remade
-            f.write(f"{heading}\n\n```text\n{text}\n```\n\n")
+            f.write(self.entry(step, val_loss, text))

@@ -31,7 +31,7 @@ from gptexp.cli import answered_errors, run_command
 from gptexp.config import CONF_DIR, ConfigError, build_dataclass
 from gptexp.data import DATASETS, DataConfig, HFTokens
 from gptexp.data.token_files import encode_documents
-from gptexp.loggers import RunPlace, run_place
+from gptexp.loggers import RunPlace, require, run_place, tensorboard_directory
 from gptexp.models import quantize as quantization
 from gptexp.scoring import ending_logprobs, perplexity, summary
 from gptexp.sources import load_source
@@ -229,8 +229,11 @@ def evaluate(cfg: DictConfig) -> dict:
                "quantize": held and held["scheme"], "quantize_group_size": held and held["group_size"], **results}
     text = json.dumps(results, indent=2) + "\n"
     write_atomically(Path(cfg.output_dir) / "results.json", lambda f: f.write(text.encode()))
-    if (cfg.get("logger") or {}).get("wandb"):
+    loggers = cfg.get("logger") or {}
+    if loggers.get("wandb"):
         log_to_wandb(cfg, results)
+    if loggers.get("tensorboard"):
+        log_to_tensorboard(cfg, results)
     print(text, end="")
     return results
 
@@ -244,11 +247,29 @@ def log_to_wandb(cfg: DictConfig, results: dict) -> None:
              "name": f"eval: {place.name or Path(place.directory).name}"} if place else {}
     logger = hydra.utils.instantiate(cfg.logger.wandb, job_type="eval", **where)
     logger.experiment.config.update({k: v for k, v in results.items() if isinstance(v, str)})
-    numbers = {f"eval/{k}": v for k, v in results.items() if isinstance(v, (int, float))}
-    numbers |= {f"eval/{task}/{k}": v for task, values in results.get("tasks", {}).items() for k, v in values.items()}
-    logger.log_metrics(numbers)
-    logger.experiment.summary.update(numbers)
+    logger.log_metrics(numbers(results))
+    logger.experiment.summary.update(numbers(results))
     logger.experiment.finish()
+
+
+def log_to_tensorboard(cfg: DictConfig, results: dict) -> None:
+    """The results as TensorBoard scalars and a text, in the run `eval` beside the training run's events (the
+    evaluation's own directory for a source that is not a run)."""
+    require("tensorboard", "logger=tensorboard")
+    from torch.utils.tensorboard import SummaryWriter
+
+    place = training_run_place(Path(str(cfg.source))) or RunPlace(cfg.output_dir, cfg.output_dir)
+    root, run = tensorboard_directory(place)
+    with SummaryWriter(str(Path(root) / run / "eval")) as writer:
+        for key, value in numbers(results).items():
+            writer.add_scalar(key, value, 0)
+        writer.add_text("eval", f"```json\n{json.dumps(results, indent=2)}\n```")
+
+
+def numbers(results: dict) -> dict:
+    """The results' numbers as metrics: eval/<key>, and eval/<task>/<metric> for lm_eval's tasks."""
+    found = {f"eval/{k}": v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return found | {f"eval/{task}/{k}": v for task, values in results.get("tasks", {}).items() for k, v in values.items()}
 
 
 def training_run_place(source: Path) -> RunPlace | None:

@@ -111,3 +111,39 @@ def sweep(runs: list[Run]) -> ggplot | None:
 
 FIGURES = {"loss": loss, "perplexity": perplexity, "throughput": throughput, "phases": phases, "memory": memory,
            "sweep": sweep}
+
+
+def optimisation_history(study) -> ggplot | None:
+    """An Optuna study's trials in order: each one's value, and the best so far."""
+    values = [(t.number, t.value) for t in study.trials if t.value is not None]
+    if not values:
+        return None
+    data = pd.DataFrame(values, columns=["trial", "value"]).sort_values("trial")
+    data["best so far"] = data["value"].cummin() if study.direction.name == "MINIMIZE" else data["value"].cummax()
+    return (ggplot(data, aes("trial", "value")) + geom_point(size=2.5, color="#1f77b4")
+            + geom_line(aes(y="best so far"), color="#d62728")
+            + labs(x="trial", y="best validation loss of the trial",
+                   title=f"Optuna study {study.study_name}: optimisation history (red: best so far)") + theme_bw())
+
+
+def parameter_importance(study) -> ggplot | None:
+    """How much each searched parameter explains of the trials' values: Optuna's mean decrease in impurity of a
+    random forest fitted to them (its fANOVA evaluator fails on today's NumPy in the optuna 2.10 Hydra's sweeper
+    pins)."""
+    import optuna
+
+    evaluator = optuna.importance.MeanDecreaseImpurityImportanceEvaluator(seed=0)
+    try:
+        importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
+    except (RuntimeError, ValueError):  # too few finished trials, or no parameter that varied
+        return None
+    if not importances:
+        return None
+    data = pd.DataFrame(list(importances.items()), columns=["parameter", "importance"])
+    data["parameter"] = pd.Categorical(data["parameter"], categories=list(reversed(importances)))
+    return (ggplot(data, aes("parameter", "importance")) + geom_col(fill="#1f77b4") + coord_flip()
+            + labs(x="", y="importance (mean decrease in impurity)", title=f"Optuna study {study.study_name}: parameter importance")
+            + theme_bw())
+
+
+STUDY_FIGURES = {"optuna_history": optimisation_history, "optuna_importance": parameter_importance}

@@ -67,14 +67,28 @@ def report(path: str | Path, wandb_project: str | None = None, out: str | Path |
     out = Path(out or Path(path) / "report")
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, draw in figures.FIGURES.items():
-        figure = draw(runs)
+    drawn = [(name, draw(runs)) for name, draw in figures.FIGURES.items()]
+    study = optuna_study(Path(path))
+    if study is not None:  # an Optuna search (hparams_search=optuna): its history and what mattered
+        drawn += [(name, draw(study)) for name, draw in figures.STUDY_FIGURES.items()]
+    for name, figure in drawn:
         if figure is not None:
             for extension in ("png", "pdf"):
                 figure.save(out / f"{name}.{extension}", width=9, height=4.5, dpi=120, verbose=False)
             written.append(name)
     (out / "summary.md").write_text(summary(runs, written, wandb_project or str(path), evaluated))
     return out
+
+
+def optuna_study(directory: Path):
+    """The Optuna study an hparams_search=optuna sweep keeps in its directory (optuna.db), or None."""
+    if not (directory / "optuna.db").is_file():
+        return None
+    import optuna
+
+    storage = f"sqlite:///{(directory / 'optuna.db').resolve()}"
+    names = [summary.study_name for summary in optuna.get_all_study_summaries(storage)]
+    return optuna.load_study(study_name=names[0], storage=storage) if len(names) == 1 else None
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -49,15 +49,25 @@ def test_joblib_runs_jobs_in_parallel_into_one_sweep_directory(tmp_path):
     assert all(column(metrics(tmp_path / job), "val/loss") for job in ("0", "1"))
 
 
-def test_optuna_minimises_the_returned_val_loss(tmp_path):
-    result = train("hparams_search=optuna", "hydra.sweeper.n_trials=3", "logger=csv", *SHORT, run_dir=tmp_path,
-                   multirun=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_optuna_minimises_the_returned_val_loss_in_a_study_the_same_command_continues(tmp_path):
+    for trials in (3, 1):  # the second command continues the study its SQLite file in the sweep directory holds
+        result = train("hparams_search=optuna", f"hydra.sweeper.n_trials={trials}", "logger=csv", *SHORT,
+                       run_dir=tmp_path, multirun=True)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "continuing study gptexp" in result.stdout + result.stderr and (tmp_path / "optuna.db").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.isdigit()) == ["0", "1", "2", "3"]  # none reused
     best = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
-    finals = [min(v for _, v in column(metrics(tmp_path / job), "val/loss")) for job in ("0", "1", "2")]
+    finals = [min(v for _, v in column(metrics(tmp_path / job), "val/loss")) for job in ("0", "1", "2", "3")]
     assert best["best_value"] == min(finals)
     # TINY fixes optim.lr and data.batch_size on the command line, which Hydra's sweeper respects
     assert set(best["best_params"]) == {"optim.weight_decay"}
+
+    report = subprocess.run([sys.executable, "analysis/report.py", str(tmp_path)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert report.returncode == 0, report.stderr[-3000:]
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    assert "optuna_history.png" in summary and "optuna_importance.png" in summary
+    assert (tmp_path / "report" / "optuna_history.png").stat().st_size > 10_000
 
 
 def test_slurm_launcher_composes():

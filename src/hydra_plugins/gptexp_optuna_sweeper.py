@@ -1,0 +1,38 @@
+"""gptexp's Hydra sweeper (a Hydra plugin lives in the hydra_plugins package): Optuna's, made to outlive its
+process, with a study in a SQLite file in its sweep directory that running the same command again continues
+(conf/hparams_search/optuna.yaml)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
+
+log = logging.getLogger(__name__)
+
+
+def finished_trials(storage: str | None, study_name: str | None) -> int:
+    """How many trials the study in `storage` holds already; 0 for a new study or one kept in memory."""
+    import optuna
+
+    if not storage:
+        return 0
+    try:
+        return len(optuna.load_study(study_name=study_name, storage=storage).trials)
+    except KeyError:  # optuna's answer for a study the storage does not hold
+        return 0
+
+
+class ResumableOptunaSweeper(OptunaSweeper):
+    """An OptunaSweeper whose SQLite storage may live in the sweep directory (made first), and whose jobs in a
+    continued study are numbered after the trials already run, so that none reuses an earlier trial's directory."""
+
+    def sweep(self, arguments: list[str]) -> None:
+        impl = self.sweeper
+        Path(impl.config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
+        impl.job_idx = finished_trials(impl.storage, impl.study_name)
+        if impl.job_idx:
+            log.info("continuing study %s in %s: %d trials so far, %d more", impl.study_name, impl.storage,
+                     impl.job_idx, impl.n_trials)
+        return super().sweep(arguments)

@@ -141,9 +141,9 @@ def parameter_importance(study) -> ggplot | None:
         return None
     data = pd.DataFrame(list(importances.items()), columns=["parameter", "importance"])
     data["parameter"] = pd.Categorical(data["parameter"], categories=list(reversed(importances)))
+    title = f"Optuna study {study.study_name}: parameter importance"
     return (ggplot(data, aes("parameter", "importance")) + geom_col(fill="#1f77b4") + coord_flip()
-            + labs(x="", y="importance (mean decrease in impurity)", title=f"Optuna study {study.study_name}: parameter importance")
-            + theme_bw())
+            + labs(x="", y="importance (mean decrease in impurity)", title=title) + theme_bw())
 
 
 STUDY_FIGURES = {"optuna_history": optimisation_history, "optuna_importance": parameter_importance}

@@ -1,12 +1,14 @@
 """Sweeps: the basic launcher (conftest's sweep_dir), joblib's parallel jobs, Optuna, and SLURM by composition."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 from hydra import compose, initialize_config_dir
+from servers import free_port, wait_for_json
 from training import ROOT, column, metrics, train
 
 SHORT = ["trainer.max_steps=20", "callbacks.samples.at_steps=[]", "callbacks.samples.after_validation=false"]
@@ -61,6 +63,18 @@ def test_optuna_minimises_the_returned_val_loss_in_a_study_the_same_command_cont
     assert best["best_value"] == min(finals)
     # TINY fixes optim.lr and data.batch_size on the command line, which Hydra's sweeper respects
     assert set(best["best_params"]) == {"optim.weight_decay"}
+
+    if shutil.which("optuna-dashboard", path=str(Path(sys.executable).parent)):  # .[tracking]: it opens the study
+        port = free_port()
+        server = subprocess.Popen([str(Path(sys.executable).parent / "optuna-dashboard"),
+                                   f"sqlite:///{tmp_path / 'optuna.db'}", "--host", "127.0.0.1", "--port", str(port)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            study = wait_for_json(f"http://127.0.0.1:{port}/api/studies/1", server)
+            assert study["name"] == "gptexp" and len(study["trials"]) == 4
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
 
     report = subprocess.run([sys.executable, "analysis/report.py", str(tmp_path)], cwd=ROOT, capture_output=True,
                             text=True, timeout=300)

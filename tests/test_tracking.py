@@ -3,31 +3,17 @@ serves every job (named by its swept value), its metrics as metrics.csv holds th
 hyperparameters, and the evaluation of a job beside it; a tracking package that is missing is one line."""
 
 import json
-import socket
 import subprocess
 import sys
-import time
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import pytest
+from servers import free_port, get, wait_for_json
 from test_bad_input import one_line_error, train_in_process
 from training import ROOT, column, metrics
 
 pytest.importorskip("tensorboard")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def get(url: str, data: bytes | None = None):
-    request = urllib.request.Request(url, data, {"Content-Type": "application/json"} if data else {})
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())
 
 
 def test_tensorboard_serves_the_whole_sweep_and_its_evaluation(sweep_dir, tmp_path):
@@ -43,16 +29,7 @@ def test_tensorboard_serves_the_whole_sweep_and_its_evaluation(sweep_dir, tmp_pa
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         url = f"http://127.0.0.1:{port}/data"
-        deadline = time.time() + 60
-        while True:
-            try:
-                runs = get(f"{url}/runs")
-                if len(runs) == 3:
-                    break
-            except OSError:
-                pass
-            assert server.poll() is None and time.time() < deadline, "tensorboard did not serve the runs"
-            time.sleep(0.5)
+        runs = wait_for_json(f"{url}/runs", server, ready=lambda runs: len(runs) == 3)
         assert sorted(runs) == ["optim.lr=0.001", "optim.lr=0.001/eval", "optim.lr=0.003"]
 
         def scalars(run: str, tag: str) -> list[tuple[int, float]]:
@@ -69,7 +46,8 @@ def test_tensorboard_serves_the_whole_sweep_and_its_evaluation(sweep_dir, tmp_pa
         experiment = get(f"{url}/plugin/hparams/experiment", json.dumps({"experimentName": ""}).encode())
         hparams = {info["name"]: info for info in experiment["hparamInfos"]}
         assert hparams["optim/lr"]["differs"] and not hparams["model/n_embd"]["differs"]
-        assert {"val/loss", "train/loss", "perf/tokens_per_sec"} <= {m["name"]["tag"] for m in experiment["metricInfos"]}
+        metrics_shown = {m["name"]["tag"] for m in experiment["metricInfos"]}
+        assert {"val/loss", "train/loss", "perf/tokens_per_sec"} <= metrics_shown
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -77,8 +55,8 @@ def test_tensorboard_serves_the_whole_sweep_and_its_evaluation(sweep_dir, tmp_pa
 
 def test_a_tracking_package_that_is_not_installed_is_one_line(tmp_path, monkeypatch, capfd):
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed
-    status, stderr = train_in_process("logger=tensorboard", f"hydra.run.dir={tmp_path / 'run'}", monkeypatch=monkeypatch,
-                                      capfd=capfd)
+    status, stderr = train_in_process("logger=tensorboard", f"hydra.run.dir={tmp_path / 'run'}",
+                                      monkeypatch=monkeypatch, capfd=capfd)
     assert status == 2
     one_line_error(stderr, ["logger=tensorboard needs tensorboard: pip install tensorboard"])
     assert not (tmp_path / "run").exists()

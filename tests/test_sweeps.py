@@ -43,14 +43,6 @@ def test_a_sweep_is_one_wandb_directory_of_runs_named_and_grouped_by_what_they_v
     assert not (tmp_path / "eval" / "wandb").exists()
 
 
-def test_joblib_runs_jobs_in_parallel_into_one_sweep_directory(tmp_path):
-    result = train("hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "optim.lr=1e-3,3e-3", "logger=csv",
-                   *SHORT, run_dir=tmp_path, multirun=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "Joblib.Parallel(n_jobs=2" in result.stdout + result.stderr
-    assert all(column(metrics(tmp_path / job), "val/loss") for job in ("0", "1"))
-
-
 def test_optuna_minimises_the_returned_val_loss_in_a_study_the_same_command_continues(tmp_path):
     for trials in (3, 1):  # the second command continues the study its SQLite file in the sweep directory holds
         result = train("hparams_search=optuna", f"hydra.sweeper.n_trials={trials}", "logger=csv", *SHORT,

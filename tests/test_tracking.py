@@ -1,8 +1,10 @@
-"""Browsing runs without an account: TensorBoard, started on 127.0.0.1 over a sweep's one TensorBoard directory,
-serves every job (named by its swept value), its metrics as metrics.csv holds them, its text samples, its
-hyperparameters, and the evaluation of a job beside it; a tracking package that is missing is one line."""
+"""Browsing runs without an account: TensorBoard over a sweep's one TensorBoard directory, and `mlflow server` over
+the SQLite store a parallel sweep's jobs wrote at once, each started on 127.0.0.1, serve every job (named by its
+swept value), its metrics as metrics.csv holds them, its samples, its hyperparameters, and the evaluation of a job
+beside it. A tracking package that is missing, or an MLflow store that cannot be written, is one line."""
 
 import json
+import sqlite3
 import subprocess
 import sys
 import urllib.parse
@@ -11,7 +13,7 @@ from pathlib import Path
 import pytest
 from servers import free_port, get, wait_for_json
 from test_bad_input import one_line_error, train_in_process
-from training import ROOT, column, metrics
+from training import ROOT, column, metrics, train
 
 pytest.importorskip("tensorboard")
 
@@ -51,6 +53,67 @@ def test_tensorboard_serves_the_whole_sweep_and_its_evaluation(sweep_dir, tmp_pa
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_mlflow_serves_a_parallel_sweep_from_one_sqlite_store(tmp_path):
+    pytest.importorskip("mlflow")
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = train("hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "optim.lr=1e-3,3e-3", "trainer.max_steps=20",
+                   "logger=mlflow", f"logger.mlflow.tracking_uri={store}", run_dir=tmp_path / "sweep", multirun=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Joblib.Parallel(n_jobs=2" in result.stdout + result.stderr  # two jobs writing the store at once
+    evaluation = subprocess.run([sys.executable, "-m", "gptexp", "evaluate", f"source={tmp_path / 'sweep' / '1'}",
+                                 "checkpoint=last", "logger=mlflow", f"logger.mlflow.tracking_uri={store}",
+                                 f"hydra.run.dir={tmp_path / 'eval'}"], cwd=ROOT, capture_output=True, text=True,
+                                timeout=300)
+    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", store,
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        api = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+        experiments = wait_for_json(f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/experiments/search?max_results=10",
+                                    server, timeout=120)["experiments"]
+        (sweep,) = [e for e in experiments if e["name"] == str(tmp_path / "sweep")]
+        runs = get(f"{api}/runs/search", json.dumps({"experiment_ids": [sweep["experiment_id"]]}).encode())["runs"]
+        by_name = {run["info"]["run_name"]: run for run in runs}
+        assert set(by_name) == {"optim.lr=0.001", "optim.lr=0.003", "eval: optim.lr=0.003"}
+        for job, name in (("0", "optim.lr=0.001"), ("1", "optim.lr=0.003")):
+            run = by_name[name]
+            query = urllib.parse.urlencode({"run_id": run["info"]["run_id"], "metric_key": "val/loss"})
+            history = [(m["step"], m["value"]) for m in get(f"{api}/metrics/get-history?{query}")["metrics"]]
+            assert history == [(step, pytest.approx(value, rel=1e-6)) for step, value in
+                               column(metrics(tmp_path / "sweep" / job), "val/loss")]
+            params = {p["key"]: p["value"] for p in run["data"]["params"]}
+            assert float(params["optim/lr"]) == float(name.split("=")[1])
+            query = urllib.parse.urlencode({"run_id": run["info"]["run_id"], "path": "samples"})
+            assert get(f"{api}/artifacts/list?{query}")["files"]  # the text samples
+        tags = {t["key"]: t["value"] for t in by_name["eval: optim.lr=0.003"]["data"]["tags"]}
+        metrics_logged = {m["key"]: m["value"] for m in by_name["eval: optim.lr=0.003"]["data"]["metrics"]}
+        assert tags["job_type"] == "eval" and metrics_logged["eval/perplexity"] == pytest.approx(
+            json.loads((tmp_path / "eval" / "results.json").read_text())["perplexity"], rel=1e-6)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["logger=mlflow", "logger.mlflow.tracking_uri=sqlite:////proc/gptexp/mlflow.db"],
+     "logger.mlflow.tracking_uri=sqlite:////proc/gptexp/mlflow.db: cannot write the MLflow store"),
+    (["logger=mlflow", "logger.mlflow.tracking_uri=file:///tmp/mlruns"],
+     "gptexp keeps MLflow runs in SQLite, sqlite:///<path to a .db file>"),
+    (["logger=tensorbored"], "Could not find 'logger/tensorbored'; Available options in 'logger': csv, many, mlflow"),
+])
+def test_a_logger_that_cannot_work_is_one_line(overrides, message, tmp_path, monkeypatch, capfd):
+    status, stderr = train_in_process(*overrides, f"hydra.run.dir={tmp_path / 'run'}", monkeypatch=monkeypatch,
+                                      capfd=capfd)
+    assert status == 2
+    one_line_error(stderr, [message])
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_tracking_package_that_is_not_installed_is_one_line(tmp_path, monkeypatch, capfd):

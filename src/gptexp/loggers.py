@@ -1,10 +1,11 @@
 """Experiment loggers: a metrics.csv that keeps a run's history, wandb that never prompts, never waits for a
-network it does not have, and never stops a run, and TensorBoard. A sweep's jobs log into one place per sweep
-(`run_place`), so that wandb leet and TensorBoard show them side by side."""
+network it does not have, and never stops a run, TensorBoard and MLflow (on SQLite). A sweep's jobs log into one
+place per sweep (`run_place`), so that wandb leet, TensorBoard and MLflow's UI show them side by side."""
 
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import logging
 import netrc
@@ -17,7 +18,7 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
@@ -313,3 +314,50 @@ def tensorboard_logger(save_dir: str, **kwargs) -> TensorBoardLogger:
     require("tensorboard", "logger=tensorboard")
     root, run = tensorboard_directory(current_place(save_dir))
     return HParamsTensorBoardLogger(save_dir=root, name="", version=run, default_hp_metric=False, **kwargs)
+
+
+def sqlite_file(tracking_uri: str) -> Path:
+    """The database file of an MLflow `sqlite:///<path>` store; ConfigError for any other store, or for a file
+    whose directory cannot be made and written."""
+    from gptexp.hydra_callbacks import unwritable_reason
+
+    if not tracking_uri.startswith("sqlite:///"):
+        raise ConfigError(f"logger.mlflow.tracking_uri={tracking_uri}: gptexp keeps MLflow runs in SQLite, "
+                          f"sqlite:///<path to a .db file> (MLflow 3.13 and later refuse the old file store)")
+    path = Path(tracking_uri.removeprefix("sqlite:///")).expanduser()
+    reason = unwritable_reason(path.parent)
+    if reason is None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            reason = f"{error.strerror}: {error.filename}"
+    if reason is None and path.exists() and not os.access(path, os.W_OK):
+        reason = f"{path} is not writable"
+    if reason:
+        raise ConfigError(f"logger.mlflow.tracking_uri={tracking_uri}: cannot write the MLflow store ({reason}); "
+                          f"choose another path")
+    return path
+
+
+def mlflow_logger(tracking_uri: str, save_dir: str, experiment_name: str | None = None, run_name: str | None = None,
+                  tags: dict | None = None, **kwargs) -> MLFlowLogger:
+    """Lightning's MLFlowLogger on a SQLite store: a sweep's jobs are the runs of one experiment named by the sweep
+    directory, each named by its swept values (also its tags); a single run goes to experiment `gptexp`, named by
+    its directory. Runs' files (text samples) go to mlflow-artifacts/ beside the database. The store and the
+    experiment are made under a lock beside the database, so that the jobs of a multirun starting together do
+    not both create them; SQLite itself serialises their writes."""
+    require("mlflow", "logger=mlflow")
+    path = sqlite_file(tracking_uri)
+    place = current_place(save_dir)
+    experiment = experiment_name or (place.group if place.name else "gptexp")
+    artifacts = (path.parent / "mlflow-artifacts").absolute().as_uri()
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri)  # makes the database's tables the first time
+        if client.get_experiment_by_name(experiment) is None:
+            client.create_experiment(experiment, artifact_location=artifacts)
+    tags = {"gptexp.run_dir": str(save_dir), **{f"swept.{k}": v for k, v in place.swept.items()}, **(tags or {})}
+    return MLFlowLogger(experiment_name=experiment, run_name=run_name or place.name or Path(place.directory).name,
+                        tracking_uri=tracking_uri, artifact_location=artifacts, tags=tags, **kwargs)

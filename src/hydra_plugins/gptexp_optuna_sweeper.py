@@ -12,11 +12,23 @@ from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 log = logging.getLogger(__name__)
 
 
-def finished_trials(storage: str | None, study_name: str | None) -> int:
+def open_storage(storage):
+    """The study's storage: an SQL URL opened with every statement committed as it runs. The optuna (2.10) that
+    Hydra's sweeper pins records its schema's version in a transaction that SQLAlchemy 2 no longer commits by
+    itself, and then cannot open its own database; with each statement committed it can, and the sweeper, the
+    only writer, needs no longer transactions."""
+    import optuna
+
+    if isinstance(storage, str) and "://" in storage:
+        return optuna.storages.RDBStorage(storage, engine_kwargs={"isolation_level": "AUTOCOMMIT"})
+    return storage
+
+
+def finished_trials(storage, study_name: str | None) -> int:
     """How many trials the study in `storage` holds already; 0 for a new study or one kept in memory."""
     import optuna
 
-    if not storage:
+    if storage is None:
         return 0
     try:
         return len(optuna.load_study(study_name=study_name, storage=storage).trials)
@@ -31,8 +43,9 @@ class ResumableOptunaSweeper(OptunaSweeper):
     def sweep(self, arguments: list[str]) -> None:
         impl = self.sweeper
         Path(impl.config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
+        url, impl.storage = impl.storage, open_storage(impl.storage)
         impl.job_idx = finished_trials(impl.storage, impl.study_name)
         if impl.job_idx:
-            log.info("continuing study %s in %s: %d trials so far, %d more", impl.study_name, impl.storage,
-                     impl.job_idx, impl.n_trials)
+            log.info("continuing study %s in %s: %d trials so far, %d more", impl.study_name, url, impl.job_idx,
+                     impl.n_trials)
         return super().sweep(arguments)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from gptexp.data.tokenizers import end_of_text_ids, prompt_ids
@@ -70,6 +70,9 @@ class TextSamples(L.Callback):
             elif isinstance(logger, TensorBoardLogger):  # TensorBoard's text tab shows markdown, a step at a time
                 logger.experiment.add_text("samples", self.entry(trainer.global_step, val_loss, text),
                                            global_step=trainer.global_step)
+            elif isinstance(logger, MLFlowLogger):  # a file per sample among the run's artifacts
+                logger.experiment.log_text(logger.run_id, self.entry(trainer.global_step, val_loss, text),
+                                           f"samples/step_{trainer.global_step:07d}.md")
 
     @staticmethod
     def entry(step: int, val_loss: float | None, text: str) -> str:

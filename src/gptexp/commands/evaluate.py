@@ -234,6 +234,8 @@ def evaluate(cfg: DictConfig) -> dict:
         log_to_wandb(cfg, results)
     if loggers.get("tensorboard"):
         log_to_tensorboard(cfg, results)
+    if loggers.get("mlflow"):
+        log_to_mlflow(cfg, results)
     print(text, end="")
     return results
 
@@ -264,6 +266,18 @@ def log_to_tensorboard(cfg: DictConfig, results: dict) -> None:
         for key, value in numbers(results).items():
             writer.add_scalar(key, value, 0)
         writer.add_text("eval", f"```json\n{json.dumps(results, indent=2)}\n```")
+
+
+def log_to_mlflow(cfg: DictConfig, results: dict) -> None:
+    """The results as an MLflow run (tag job_type=eval) in the training run's experiment, named after it, its
+    numbers as metrics and results.json as an artifact."""
+    place = training_run_place(Path(str(cfg.source)))
+    where = {"experiment_name": place.group if place.name else "gptexp",
+             "run_name": f"eval: {place.name or Path(place.directory).name}"} if place else {}
+    logger = hydra.utils.instantiate(cfg.logger.mlflow, tags={"job_type": "eval"}, **where)
+    logger.log_metrics(numbers(results), step=0)
+    logger.experiment.log_dict(logger.run_id, results, "results.json")
+    logger.finalize("success")
 
 
 def numbers(results: dict) -> dict:

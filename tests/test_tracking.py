@@ -123,3 +123,18 @@ def test_a_tracking_package_that_is_not_installed_is_one_line(tmp_path, monkeypa
     assert status == 2
     one_line_error(stderr, ["logger=tensorboard needs tensorboard: pip install tensorboard"])
     assert not (tmp_path / "run").exists()
+
+
+def test_a_resumed_run_keeps_its_one_mlflow_run(tmp_path):
+    """Run again in its directory with more steps, a run goes on in the MLflow run it started (its id travels in the
+    checkpoint, as wandb's does)."""
+    mlflow = pytest.importorskip("mlflow")
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for steps in (20, 40):
+        result = train(f"trainer.max_steps={steps}", "logger=mlflow", f"logger.mlflow.tracking_uri={store}",
+                       run_dir=tmp_path / "run")
+        assert result.returncode == 0, result.stderr[-3000:]
+    client = mlflow.tracking.MlflowClient(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("gptexp").experiment_id])
+    assert run.info.run_name == "run"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")] == [19, 39]

@@ -339,6 +339,23 @@ def sqlite_file(tracking_uri: str) -> Path:
     return path
 
 
+class ContinuingMLFlowLogger(MLFlowLogger):
+    """Lightning's MLFlowLogger which, continuing a resumed run's MLflow run, logs only the params that run lacks:
+    MLflow refuses to change a logged param, and a resumed run may change some (trainer/max_steps, extended). The
+    run keeps its first values; the new ones of changed params go to tags `resumed.<param>`."""
+
+    @rank_zero_only
+    def log_hyperparams(self, params) -> None:
+        from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
+
+        flat = _flatten_dict(_convert_params(params))
+        held = self.experiment.get_run(self.run_id).data.params
+        for key, value in flat.items():
+            if key in held and held[key] != str(value)[:6000]:
+                self.experiment.set_tag(self.run_id, f"resumed.{key}", str(value)[:5000])
+        super().log_hyperparams({key: value for key, value in flat.items() if key not in held})
+
+
 def mlflow_logger(tracking_uri: str, save_dir: str, experiment_name: str | None = None, run_name: str | None = None,
                   tags: dict | None = None, **kwargs) -> MLFlowLogger:
     """Lightning's MLFlowLogger on a SQLite store: a sweep's jobs are the runs of one experiment named by the sweep
@@ -359,5 +376,6 @@ def mlflow_logger(tracking_uri: str, save_dir: str, experiment_name: str | None 
         if client.get_experiment_by_name(experiment) is None:
             client.create_experiment(experiment, artifact_location=artifacts)
     tags = {"gptexp.run_dir": str(save_dir), **{f"swept.{k}": v for k, v in place.swept.items()}, **(tags or {})}
-    return MLFlowLogger(experiment_name=experiment, run_name=run_name or place.name or Path(place.directory).name,
-                        tracking_uri=tracking_uri, artifact_location=artifacts, tags=tags, **kwargs)
+    return ContinuingMLFlowLogger(experiment_name=experiment,
+                                  run_name=run_name or place.name or Path(place.directory).name,
+                                  tracking_uri=tracking_uri, artifact_location=artifacts, tags=tags, **kwargs)

@@ -14,7 +14,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import MLFlowLogger, WandbLogger
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,15 @@ def wandb_id(trainer: L.Trainer) -> str | None:
     return None
 
 
+def mlflow_run_id(trainer: L.Trainer) -> str | None:
+    for logger in trainer.loggers:
+        if isinstance(logger, MLFlowLogger):
+            return logger.run_id
+    return None
+
+
 class ResumeState(L.Callback):
-    """Stores the RNG states (Python, NumPy, torch, CUDA) and the wandb run id in every checkpoint, and
+    """Stores the RNG states (Python, NumPy, torch, CUDA) and the wandb and MLflow run ids in every checkpoint, and
     puts the RNG states back just before the first step of a resumed run: after Lightning's set-up,
     exactly where the saving run was."""
 
@@ -59,7 +66,8 @@ class ResumeState(L.Callback):
         self.pending: dict | None = None
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        checkpoint["gptexp_resume"] = {"rng": rng_states(), "wandb_id": wandb_id(trainer)}
+        checkpoint["gptexp_resume"] = {"rng": rng_states(), "wandb_id": wandb_id(trainer),
+                                       "mlflow_run_id": mlflow_run_id(trainer)}
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         self.pending = checkpoint.get("gptexp_resume", {}).get("rng")

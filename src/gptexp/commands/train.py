@@ -131,7 +131,7 @@ def run(cfg: DictConfig) -> float | None:
         kept = carry_over(ckpt_path, resumed, cfg.output_dir)
         if ckpt_path:
             log.info("=== resumed at step %d from %s: %s ===", resumed.get("global_step", 0), ckpt_path, kept)
-    trainer = build_trainer(cfg, wandb_id=resumed.get("gptexp_resume", {}).get("wandb_id"))
+    trainer = build_trainer(cfg, resumed.get("gptexp_resume", {}))
     batch = (source.config.batch_size, datamodule.seq_len, trainer.num_devices * trainer.num_nodes,
              trainer.accumulate_grad_batches)
     log.info("batch: %d windows x %d tokens x %d processes x %d accumulated = %s tokens per optimizer step", *batch,
@@ -192,10 +192,11 @@ def finish_wandb(trainer: L.Trainer) -> None:
             logger.experiment.finish()
 
 
-def build_trainer(cfg: DictConfig, wandb_id: str | None = None) -> L.Trainer:
+def build_trainer(cfg: DictConfig, resumed: dict | None = None) -> L.Trainer:
     """A Lightning Trainer from cfg.trainer, with the callbacks and loggers cfg.callbacks and cfg.logger list,
     atomic checkpoint writes, resumable RNG states and SIGTERM / Ctrl-C stops with a checkpoint.
-    `wandb_id`: the wandb run a resumed run continues."""
+    `resumed`: what a resumed run's checkpoint recorded (callbacks.resume.ResumeState): the wandb and MLflow runs
+    it continues."""
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     steps = trainer_args.get("max_steps", -1)
     if not isinstance(steps, int) or steps <= 0:
@@ -212,8 +213,10 @@ def build_trainer(cfg: DictConfig, wandb_id: str | None = None) -> L.Trainer:
     if not any(isinstance(c, ResumePoint) for c in callbacks):  # SIGTERM / Ctrl-C stop with a checkpoint, always
         callbacks.append(ResumePoint(str(Path(cfg.output_dir) / "checkpoints" / "last.ckpt"), every_n_steps=None))
     callbacks += [ResumeState(), RunHistory()]
-    resume = {"id": wandb_id, "resume": "allow"} if wandb_id else {}
-    loggers = [instantiate(c, f"logger.{name}", **(resume if "wandb" in c.get("_target_", "") else {}))
+    resumed = resumed or {}
+    continued = {"wandb": {"id": resumed["wandb_id"], "resume": "allow"} if resumed.get("wandb_id") else {},
+                 "mlflow": {"run_id": resumed["mlflow_run_id"]} if resumed.get("mlflow_run_id") else {}}
+    loggers = [instantiate(c, f"logger.{name}", **continued.get(name, {}))
                for name, c in (cfg.get("logger") or {}).items() if c]
     # Lightning adds a checkpoint callback and a progress bar of its own unless told not to: only cfg.callbacks count
     trainer_args.setdefault("enable_checkpointing", any(isinstance(c, ModelCheckpoint) for c in callbacks))

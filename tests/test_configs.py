@@ -95,7 +95,8 @@ def test_the_gpt2_reproduction_recipes_compose(tmp_path):
 @pytest.mark.parametrize("logger", options("logger"))
 @pytest.mark.parametrize("callbacks", options("callbacks"))
 def test_every_trainer_setup_builds(logger, callbacks, tmp_path):
-    cfg = composed(f"logger={logger}", f"callbacks={callbacks}", output_dir=tmp_path)
+    store = [f"logger.mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"] if logger in ("mlflow", "all") else []
+    cfg = composed(f"logger={logger}", f"callbacks={callbacks}", *store, output_dir=tmp_path)
     build_dataclass(OptimConfig, cfg.optim, "optim")
     trainer = build_trainer(cfg)
     assert trainer.max_steps == cfg.trainer.max_steps

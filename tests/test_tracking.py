@@ -106,7 +106,8 @@ def test_mlflow_serves_a_parallel_sweep_from_one_sqlite_store(tmp_path):
      "logger.mlflow.tracking_uri=sqlite:////proc/gptexp/mlflow.db: cannot write the MLflow store"),
     (["logger=mlflow", "logger.mlflow.tracking_uri=file:///tmp/mlruns"],
      "gptexp keeps MLflow runs in SQLite, sqlite:///<path to a .db file>"),
-    (["logger=tensorbored"], "Could not find 'logger/tensorbored'; Available options in 'logger': csv, many, mlflow"),
+    (["logger=tensorbored"], "Could not find 'logger/tensorbored'; Available options in 'logger': all, csv, many, "
+                             "mlflow, none, tensorboard, wandb"),
 ])
 def test_a_logger_that_cannot_work_is_one_line(overrides, message, tmp_path, monkeypatch, capfd):
     status, stderr = train_in_process(*overrides, f"hydra.run.dir={tmp_path / 'run'}", monkeypatch=monkeypatch,

@@ -79,7 +79,9 @@ def test_a_run_with_credentials_and_no_usable_server_logs_offline(server, silent
     assert reason in line and ("Connection refused" in line or server != "closed")
     assert line.endswith(f"this run logs offline to {folder}: upload it later with `wandb sync {folder}`")
     assert accepted is None or accepted  # the silent server was asked
-    # the first step as soon after the command as offline (the session's run), give or take the 3 s wait
+    # the first step about as soon after the command as offline (the session's run, started under another load):
+    # the 3 s wait and no more, not wandb's own 30 to 90 s, within what a busy 2-core machine moves a start-up by
+    # (7 s seen beside the other worker's heavy tests)
     startup = column(metrics(tmp_path / "run"), "time/startup_s")[0][1]
     offline = column(metrics(run_dir), "time/startup_s")[0][1]
-    assert startup < offline + 6, (startup, offline)
+    assert startup < offline + 15, (startup, offline)

@@ -200,10 +200,10 @@ class ResilientWandbLogger(WandbLogger):
 
 @dataclass
 class RunPlace:
-    """Where a run's wandb run goes and what it is called: `directory` holds the `wandb/` folder (a sweep's
-    directory for each of its jobs, so that `wandb leet <sweep>/wandb` shows them all; else the run's own), `group`
-    gathers a sweep's runs (and a run's evaluations), `name` says what sets a sweep's job apart (`optim.lr=0.003`;
-    None outside a sweep: wandb's own) and `swept` holds those values."""
+    """Where a run's loggers put it and what they call it: `directory` holds the `wandb/` and `tensorboard/` folders
+    (a sweep's directory for each of its jobs, so that `wandb leet <sweep>/wandb` and TensorBoard show them all;
+    else the run's own), `group` gathers a sweep's runs (and a run's evaluations; MLflow's experiment), `name` says
+    what sets a sweep's job apart (`optim.lr=0.003`; None outside a sweep) and `swept` holds those values."""
     directory: str
     group: str
     name: str | None = None
@@ -254,10 +254,8 @@ def wandb_logger(save_dir: str, project: str = "gptexp", mode: str = "auto", gro
     offline_because = unreachable(wandb_url(), connect_timeout_s) if mode == "online" else None
     if offline_because:
         mode = "offline"
-    from hydra.core.hydra_config import HydraConfig
-
-    if HydraConfig.initialized() and group is None and name is None:
-        place = run_place(HydraConfig.get())
+    if group is None and name is None:
+        place = current_place(save_dir)
         if place.name is not None:  # a sweep's job
             save_dir, group, name = place.directory, place.group, place.name
             kwargs["config"] = {"swept": place.swept} | kwargs.get("config", {})

@@ -209,6 +209,16 @@ class RunPlace:
     name: str | None = None
     swept: dict = field(default_factory=dict)
 
+    @property
+    def label(self) -> str:
+        """What to call the run where a name is needed: its swept values, or its directory's name."""
+        return self.name or Path(self.directory).name
+
+    @property
+    def experiment(self) -> str:
+        """Its MLflow experiment: the sweep (its group) for a sweep's job, else `gptexp`."""
+        return self.group if self.name else "gptexp"
+
 
 def run_place(hydra: DictConfig) -> RunPlace:
     """The RunPlace of the run Hydra's config `hydra` describes: the running job's (HydraConfig.get()) or a finished
@@ -364,7 +374,7 @@ def mlflow_logger(tracking_uri: str, save_dir: str, experiment_name: str | None 
     require("mlflow", "logger=mlflow")
     path = sqlite_file(tracking_uri)
     place = current_place(save_dir)
-    experiment = experiment_name or (place.group if place.name else "gptexp")
+    experiment = experiment_name or place.experiment
     artifacts = (path.parent / "mlflow-artifacts").absolute().as_uri()
     with open(path.with_name(path.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -375,5 +385,5 @@ def mlflow_logger(tracking_uri: str, save_dir: str, experiment_name: str | None 
             client.create_experiment(experiment, artifact_location=artifacts)
     tags = {"gptexp.run_dir": str(save_dir), **{f"swept.{k}": v for k, v in place.swept.items()}, **(tags or {})}
     return ContinuingMLFlowLogger(experiment_name=experiment,
-                                  run_name=run_name or place.name or Path(place.directory).name,
+                                  run_name=run_name or place.label,
                                   tracking_uri=tracking_uri, artifact_location=artifacts, tags=tags, **kwargs)

@@ -230,23 +230,20 @@ def evaluate(cfg: DictConfig) -> dict:
     text = json.dumps(results, indent=2) + "\n"
     write_atomically(Path(cfg.output_dir) / "results.json", lambda f: f.write(text.encode()))
     loggers = cfg.get("logger") or {}
-    if loggers.get("wandb"):
-        log_to_wandb(cfg, results)
-    if loggers.get("tensorboard"):
-        log_to_tensorboard(cfg, results)
-    if loggers.get("mlflow"):
-        log_to_mlflow(cfg, results)
+    place = training_run_place(Path(str(cfg.source)))  # the evaluation of a training run joins it
+    for name, log_results in (("wandb", log_to_wandb), ("tensorboard", log_to_tensorboard),
+                              ("mlflow", log_to_mlflow)):
+        if loggers.get(name):
+            log_results(cfg, results, place)
     print(text, end="")
     return results
 
 
-def log_to_wandb(cfg: DictConfig, results: dict) -> None:
+def log_to_wandb(cfg: DictConfig, results: dict, place: RunPlace | None) -> None:
     """The results as a wandb run of job type eval, in the training runs' project, its numbers in the summary. The
-    evaluation of a training run joins that run: its wandb directory (a sweep's, for a sweep's job) and its group,
-    named after it."""
-    place = training_run_place(Path(str(cfg.source)))
-    where = {"save_dir": place.directory, "group": place.group,
-             "name": f"eval: {place.name or Path(place.directory).name}"} if place else {}
+    evaluation of a training run (`place`) joins that run: its wandb directory (a sweep's, for a sweep's job) and
+    its group, named after it."""
+    where = {"save_dir": place.directory, "group": place.group, "name": f"eval: {place.label}"} if place else {}
     logger = hydra.utils.instantiate(cfg.logger.wandb, job_type="eval", **where)
     logger.experiment.config.update({k: v for k, v in results.items() if isinstance(v, str)})
     logger.log_metrics(numbers(results))
@@ -254,26 +251,23 @@ def log_to_wandb(cfg: DictConfig, results: dict) -> None:
     logger.experiment.finish()
 
 
-def log_to_tensorboard(cfg: DictConfig, results: dict) -> None:
+def log_to_tensorboard(cfg: DictConfig, results: dict, place: RunPlace | None) -> None:
     """The results as TensorBoard scalars and a text, in the run `eval` beside the training run's events (the
     evaluation's own directory for a source that is not a run)."""
     require("tensorboard", "logger=tensorboard")
     from torch.utils.tensorboard import SummaryWriter
 
-    place = training_run_place(Path(str(cfg.source))) or RunPlace(cfg.output_dir, cfg.output_dir)
-    root, run = tensorboard_directory(place)
+    root, run = tensorboard_directory(place or RunPlace(cfg.output_dir, cfg.output_dir))
     with SummaryWriter(str(Path(root) / run / "eval")) as writer:
         for key, value in numbers(results).items():
             writer.add_scalar(key, value, 0)
         writer.add_text("eval", f"```json\n{json.dumps(results, indent=2)}\n```")
 
 
-def log_to_mlflow(cfg: DictConfig, results: dict) -> None:
+def log_to_mlflow(cfg: DictConfig, results: dict, place: RunPlace | None) -> None:
     """The results as an MLflow run (tag job_type=eval) in the training run's experiment, named after it, its
     numbers as metrics and results.json as an artifact."""
-    place = training_run_place(Path(str(cfg.source)))
-    where = {"experiment_name": place.group if place.name else "gptexp",
-             "run_name": f"eval: {place.name or Path(place.directory).name}"} if place else {}
+    where = {"experiment_name": place.experiment, "run_name": f"eval: {place.label}"} if place else {}
     logger = hydra.utils.instantiate(cfg.logger.mlflow, tags={"job_type": "eval"}, **where)
     logger.log_metrics(numbers(results), step=0)
     logger.experiment.log_dict(logger.run_id, results, "results.json")
@@ -287,7 +281,7 @@ def numbers(results: dict) -> dict:
 
 
 def training_run_place(source: Path) -> RunPlace | None:
-    """Where the training run `source` names (its directory, or a checkpoint in it) logged to wandb, or None."""
+    """Where the training run `source` names (its directory, or a checkpoint in it) logged, or None."""
     run = source.parent.parent if source.suffix == ".ckpt" else source
     hydra_yaml = run / ".hydra" / "hydra.yaml"
     if not hydra_yaml.is_file():

@@ -26,11 +26,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from gptexp.core.hardware import measured_cpu_memory_bandwidth  # noqa: E402
 from gptexp.data.shakespeare import load_splits  # noqa: E402
 from gptexp.data.tokenizers import gpt2_tokenizer  # noqa: E402
-from gptexp.hardware import measured_cpu_memory_bandwidth  # noqa: E402
-from gptexp.models.gpt2 import state_dict_to_hf  # noqa: E402
-from gptexp.sources import load_source  # noqa: E402
+from gptexp.weights import load_source  # noqa: E402
+from gptexp.weights.hf import gpt2_state_to_hf  # noqa: E402
 
 
 def hf_copy(model):
@@ -41,7 +41,7 @@ def hf_copy(model):
                                      vocab_size=c.vocab_size, bos_token_id=None, eos_token_id=None,
                                      attn_implementation="sdpa")
     hf = transformers.GPT2LMHeadModel(config).eval()
-    hf.load_state_dict(state_dict_to_hf(model.state_dict()), strict=False)  # its causal-mask buffers stay
+    hf.load_state_dict(gpt2_state_to_hf(model.state_dict()), strict=False)  # its causal-mask buffers stay
     hf.tie_weights()
     return hf
 

@@ -131,7 +131,7 @@ print("versions: " + "; ".join(f"{k} {v}" for k, v in mods.items()))
 name = torch.cuda.get_device_name()
 print(f"gpu: {name}, capability {torch.cuda.get_device_capability()}, bf16 {torch.cuda.is_bf16_supported()}, "
       f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB, {torch.cuda.device_count()} device(s)")
-from gptexp.hardware import peak_flops
+from gptexp.core.hardware import peak_flops
 peak, source = peak_flops("cuda", torch.bfloat16)
 a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
 for _ in range(3):

@@ -5,7 +5,7 @@ with CUDA events, then three steps under torch.profiler.
     python benchmarks/gpu_profile.py [--batch 16 32] [--vocab 50304] [--eager] [--out DIR]
 
 Prints, per batch size: median step ms, tokens/s and MFU against the datasheet's dense bf16 peak
-(gptexp.hardware), the share of the step's wall time the GPU was busy, the GPU time by kind of kernel
+(gptexp.core.hardware), the share of the step's wall time the GPU was busy, the GPU time by kind of kernel
 (matrix products, attention, compiled Triton kernels, the optimizer, the rest) and the costliest kernels.
 With --out, the full kernel table of each case goes to DIR/profile_b<batch>.txt.
 Compare its tokens/s with train.py's perf/tokens_per_sec at the same shape: the difference is what the
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from gptexp.hardware import peak_flops
+from gptexp.core.hardware import peak_flops
 from gptexp.models import GPT2, GPT2Config
-from gptexp.optim import OptimConfig, build_optimizer
+from gptexp.training.optim import OptimConfig, build_optimizer
 
 KINDS = [  # the first pattern a kernel's name matches names its kind (Inductor's kernels are all "..._fused_...")
     ("attention", r"flash|fmha|attention|sdpa|cudnn"),

@@ -24,13 +24,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from gptexp.config import CACHE_DIR  # noqa: E402
-from gptexp.data import DataConfig  # noqa: E402
+from gptexp.core.config import CACHE_DIR  # noqa: E402
+from gptexp.data import (
+    DataConfig,  # noqa: E402
+    templates,  # noqa: E402
+)
 from gptexp.data.instruct import InstructExamples, story_request_words  # noqa: E402
 from gptexp.data.tokenizers import end_of_text_ids  # noqa: E402
-from gptexp.finetune import templates  # noqa: E402
-from gptexp.models.generation import decode  # noqa: E402
-from gptexp.sources import load_source  # noqa: E402
+from gptexp.inference.generation import decode  # noqa: E402
+from gptexp.weights import load_source  # noqa: E402
 
 
 def held_out_requests(limit: int) -> list[str]:

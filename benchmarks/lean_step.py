@@ -1,4 +1,4 @@
-"""Where a quantized decoding step's time goes, with and without the fused step (gptexp.models.fused_step).
+"""Where a quantized decoding step's time goes, with and without the fused step (gptexp.inference.fused_step).
 
     python benchmarks/lean_step.py [--schemes int8 int4] [--group-size 128] [--new-tokens 128] [--repeats 5]
 
@@ -6,8 +6,8 @@ GPT-2 124M (random weights: the time does not depend on them), float32 activatio
 For each scheme, interleaved, median of --repeats:
 - "forward": greedy decoding with every step through the model's forward (torch ops, the fused step turned off);
 - "fused": greedy decoding as `sample` runs it, each step after the prompt's in one C call;
-- "products": the step's 49 products alone, gptexp's kernels called in a loop, nothing else;
-- the streaming rate (gptexp.hardware.MemoryStream) measured beside them, and the bound it sets: the bytes of
+- "products": the step's 49 products alone, gptexp's operators called in a loop, nothing else;
+- the streaming rate (gptexp.core.hardware.MemoryStream) measured beside them, and the bound it sets: the bytes of
   weights a step reads over that rate.
 Prints ms a token for each, what the step spends outside its products, and each one's share of the bound.
 """
@@ -24,10 +24,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from gptexp.hardware import MemoryStream  # noqa: E402
-from gptexp.models import GPT2, GPT2Config, kernels  # noqa: E402
-from gptexp.models.generation import decode  # noqa: E402
-from gptexp.models.quantize import QuantizedLinear, quantize, read_bytes_per_token  # noqa: E402
+from gptexp.core.hardware import MemoryStream  # noqa: E402
+from gptexp.inference import kernels  # noqa: E402
+from gptexp.inference.generation import decode  # noqa: E402
+from gptexp.inference.quantize import QuantizedLinear, quantize, read_bytes_per_token  # noqa: E402
+from gptexp.models import GPT2, GPT2Config  # noqa: E402
 
 
 def decoding_seconds(model, prompt, new_tokens: int) -> float:
@@ -38,19 +39,16 @@ def decoding_seconds(model, prompt, new_tokens: int) -> float:
 
 
 def products(model) -> callable:
-    """One pass of the step's products through gptexp's kernels, as the fused step calls them."""
-    calls, threads = [], torch.get_num_threads()
+    """One pass of the step's products through gptexp's operators, as the fused step runs them (one float32 row)."""
+    calls = []
     for layer in (m for m in model.modules() if isinstance(m, QuantizedLinear)):
-        x, y = torch.randn(layer.in_features), torch.empty(layer.out_features)
         if layer.scheme == "int8":
-            calls.append((kernels.int8_matmul(), (x.data_ptr(), 0, 1, layer.in_features, layer.qweight.data_ptr(),
-                                                  layer.scales32.data_ptr(), layer.out_features, y.data_ptr(), 0,
-                                                  threads), (x, y)))
+            calls.append((torch.ops.gptexp.int8_mm, (torch.randn(1, layer.in_features), layer.qweight,
+                                                    layer.scales32)))
         else:
-            calls.append((kernels.int4_matvec(), (x.data_ptr(), layer.in_features, layer.qweight.data_ptr(),
-                                                  layer.scale_zero_pairs.data_ptr(), layer.group_size,
-                                                  layer.out_features, y.data_ptr(), threads), (x, y)))
-    return lambda: [function(*arguments) for function, arguments, _ in calls]
+            calls.append((torch.ops.gptexp.int4_mv, (torch.randn(layer.in_features), layer.qweight,
+                                                    layer.scale_zero_pairs, layer.group_size)))
+    return lambda: [operator(*arguments) for operator, arguments in calls]
 
 
 def main() -> None:
@@ -61,7 +59,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     if kernels.decode_step() is None:
-        sys.exit("gptexp's kernels are not built here (no C compiler, or GPTEXP_KERNELS=0): nothing to compare")
+        sys.exit("gptexp's kernels are not built here (no C++ compiler, or GPTEXP_KERNELS=0): nothing to compare")
     stream = MemoryStream()
     print("| scheme | forward ms/token | fused ms/token | products alone | outside the products: forward, fused | "
           "streaming GB/s | bound ms | share of the bound: forward, fused |")

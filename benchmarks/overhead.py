@@ -22,12 +22,13 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 
-from gptexp import data, models
-from gptexp.config import build_dataclass
-from gptexp.data.windows import RandomBatches, TokenWindows
-from gptexp.module import LanguageModelModule
-from gptexp.optim import OptimConfig, adamw, lr_at
+from gptexp import data
 from gptexp.commands.train import build_trainer
+from gptexp.core.config import build_dataclass
+from gptexp.data.windows import RandomBatches, TokenWindows
+from gptexp.training.module import LanguageModelModule
+from gptexp.training.optim import OptimConfig, adamw, lr_at
+from gptexp.weights import pretrained
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -42,8 +43,9 @@ def config(model: str, callbacks: str, steps: int, output_dir: str, overrides: l
 
 def prepared(cfg):
     L.seed_everything(cfg.seed, verbose=False)
-    source = data.load(cfg.data, models.tokenizer_spec(cfg.model))
-    model = models.build(cfg.model, vocab_size=source.tokenizer.vocab_size)
+    location = pretrained.weights_location(cfg.model)
+    source = data.load(cfg.data, pretrained.tokenizer(cfg.model, location))
+    model = pretrained.build(cfg.model, source.tokenizer.vocab_size, location)
     return model, data.build(source, model.context_length, seed=cfg.seed)
 
 

@@ -24,9 +24,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from gptexp.data.shakespeare import load_splits  # noqa: E402
-from gptexp.models.generation import decode  # noqa: E402
-from gptexp.models.speculative import DraftModel, NgramProposer, SpeculationStats  # noqa: E402
-from gptexp.sources import load_source  # noqa: E402
+from gptexp.inference.generation import decode  # noqa: E402
+from gptexp.inference.speculative import DraftModel, NgramProposer, SpeculationStats  # noqa: E402
+from gptexp.weights import load_source  # noqa: E402
 
 
 def main() -> None:

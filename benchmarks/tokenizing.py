@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from gptexp.data import hf, sharding, tinystories  # noqa: E402
-from gptexp.data.datamodule import DataConfig  # noqa: E402
+from gptexp.data.config import DataConfig  # noqa: E402
 from gptexp.data.tokenizers import gpt2_tokenizer  # noqa: E402
 
 

@@ -9,7 +9,7 @@ data=text (its last 10% validates: about 1.25M GPT-2 tokens). A GPT-2 of --n-lay
 - validation: Lightning's `trainer.validate` over the whole validation split in windows of 1,024 tokens,
   8 per batch (train.py's validation), with gptexp's validation_step (head_loss: 32 MB of logits at a
   time) and with the reference step that computes the loss from the whole (8, 1024, 50257) logits;
-- evaluate: `gptexp.scoring.perplexity` (window 1,024, stride 512, 8 windows a batch) over the first
+- evaluate: `gptexp.eval.scoring.perplexity` (window 1,024, stride 512, 8 windows a batch) over the first
   --eval-tokens validation tokens, by chunks and from whole logits.
 
 Prints seconds, tokens/s, the loss (equal to the reference within float32 rounding) and the peak RSS.
@@ -51,14 +51,15 @@ def case(args) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from gptexp import data, models
-    from gptexp.module import LanguageModelModule
-    from gptexp.optim import OptimConfig
-    from gptexp.scoring import perplexity
+    from gptexp import data
+    from gptexp.eval.scoring import perplexity
+    from gptexp.training.module import LanguageModelModule
+    from gptexp.training.optim import OptimConfig
+    from gptexp.weights import pretrained
 
     torch.manual_seed(0)
     source = data.load({"name": "text", "path": args.text, "cache_dir": args.cache, "eval_batch_size": 8}, "gpt2")
-    model = models.build({"arch": "gpt2", "tokenizer": "gpt2", "n_layer": args.n_layer, "n_head": 1,
+    model = pretrained.build({"arch": "gpt2", "tokenizer": "gpt2", "n_layer": args.n_layer, "n_head": 1,
                           "n_embd": args.n_embd, "block_size": 1024}, vocab_size=source.tokenizer.vocab_size)
     datamodule = data.build(source, 1024)
     datamodule.prepare_data()

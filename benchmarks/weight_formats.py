@@ -8,7 +8,7 @@ the bundled stories260K (on the TinyStories sample) are each scored by `python -
 (composed in this process) on the whole validation split, in fp32, in bf16, int8 and int4 at each group size
 (int8 and int4 with `--activations`, fp32 by default as `sample` decodes them); and decode greedily from `--prompts`
 prompts of 16 tokens taken evenly from that split, one at a time as `sample` decodes a prompt (a quantized model's
-step then runs fused, gptexp.models.fused_step), their tokens compared position by position with fp32's. A format
+step then runs fused, gptexp.inference.fused_step), their tokens compared position by position with fp32's. A format
 a model cannot take (a width that a group size does not divide) is reported as such. Prints one markdown table a
 model.
 """
@@ -29,11 +29,11 @@ from hydra import compose, initialize_config_dir
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from gptexp.commands.evaluate import documents, evaluate  # noqa: E402
-from gptexp.config import CONF_DIR, ConfigError, asset_path  # noqa: E402
+from gptexp.core.config import CONF_DIR, ConfigError, asset_path  # noqa: E402
 from gptexp.data.token_files import encode_documents  # noqa: E402
-from gptexp.models.generation import generate  # noqa: E402
-from gptexp.models.quantize import read_bytes_per_token  # noqa: E402
-from gptexp.sources import load_source  # noqa: E402
+from gptexp.inference.generation import generate  # noqa: E402
+from gptexp.inference.quantize import read_bytes_per_token  # noqa: E402
+from gptexp.weights import load_source  # noqa: E402
 
 
 def formats(group_sizes: list[int], activations: str) -> list[tuple[str, str, str | None, int]]:

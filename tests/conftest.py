@@ -16,8 +16,8 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from gptexp import hardware  # noqa: E402
-from gptexp.models import generation  # noqa: E402
+from gptexp.core import hardware  # noqa: E402
+from gptexp.inference import generation  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,13 +1,13 @@
 """analysis/report.py renders every figure from a real run and a real sweep; the images are checked."""
 
 import json
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 from PIL import Image
-from training import ROOT, column, metrics
+
+from training import ROOT, column, execute, metrics
 
 sys.path.insert(0, str(ROOT / "analysis"))
 from runs import load  # noqa: E402
@@ -16,8 +16,7 @@ RUN_FIGURES = {"loss", "perplexity", "throughput", "phases", "memory"}
 
 
 def report(path, *extra) -> str:
-    result = subprocess.run([sys.executable, "analysis/report.py", str(path), *extra], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
+    result = execute("analysis/report.py", str(path), *extra, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout.strip()
 
@@ -43,9 +42,8 @@ def test_report_of_a_run(run_dir):
 
 def test_report_of_a_sweep(sweep_dir, tmp_path):
     """Runs named by what differs between them, and an evaluation of one of them folded in."""
-    evaluation = subprocess.run([sys.executable, "-m", "gptexp", "evaluate", f"source={sweep_dir / '1'}", "logger=none",
-                                 f"hydra.run.dir={tmp_path / 'evaluate' / 'one'}"], cwd=ROOT, capture_output=True,
-                                text=True, timeout=300)
+    evaluation = execute("-m", "gptexp", "evaluate", f"source={sweep_dir / '1'}", "logger=none",
+                         f"hydra.run.dir={tmp_path / 'evaluate' / 'one'}", timeout=300)
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
     results = json.loads((tmp_path / "evaluate" / "one" / "results.json").read_text())
     report(sweep_dir, "--evaluations", tmp_path / "evaluate")

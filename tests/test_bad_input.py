@@ -10,13 +10,13 @@ import sys
 
 import pytest
 import torch
-from training import ROOT, TINY, train
 
-from gptexp import models
-from gptexp.cli import OUR_FULL_ERROR
-from gptexp.config import ConfigError, asset_path
+from gptexp.commands.cli import OUR_FULL_ERROR
+from gptexp.core.config import ConfigError, asset_path
 from gptexp.finetune import apply as apply_finetune
-from gptexp.models.llmc import LlmcFormatError, read_model
+from gptexp.weights import pretrained
+from gptexp.weights.llmc import LlmcFormatError, read_model
+from training import ROOT, TINY, execute, train
 
 # (overrides of a tiny train.py run, what stderr must say: the problem, then the fix)
 TRAIN_CASES = {
@@ -140,7 +140,7 @@ def test_a_checkpoint_of_another_architecture_names_the_tensor(run_dir, tmp_path
 
 
 def tiny_gpt2():
-    return models.build({"arch": "gpt2", "block_size": 8, "n_layer": 1, "n_head": 2, "n_embd": 8}, 20)
+    return pretrained.build({"arch": "gpt2", "block_size": 8, "n_layer": 1, "n_head": 2, "n_embd": 8}, 20)
 
 
 @pytest.mark.parametrize("call, error, message", [
@@ -152,7 +152,7 @@ def tiny_gpt2():
      "top_k must be >= 1 or None (no limit), got 0"),
     (lambda: tiny_gpt2().generate(torch.zeros(1, 2, dtype=torch.long), 1, top_p=0.0), ValueError,
      "top_p must be in (0, 1] or None (no limit), got 0.0"),
-    (lambda: models.build({"arch": "llama", "dim": 64, "n_layers": 1, "n_heads": 4, "n_kv_heads": 3,
+    (lambda: pretrained.build({"arch": "llama", "dim": 64, "n_layers": 1, "n_heads": 4, "n_kv_heads": 3,
                            "max_seq_len": 16, "hidden_dim": 128}, 100), ConfigError, "n_kv_heads"),
     (lambda: apply_finetune(tiny_gpt2(), {"method": "lora", "target_modules": ["nope"]}), ConfigError,
      "match no linear layer of the model"),
@@ -264,5 +264,5 @@ def test_an_unknown_command_is_named_with_the_choices(tmp_path):
                             text=True, timeout=120)
     assert result.returncode == 2
     one_line_error(result.stderr, ["unknown command 'smaple': choose train, sample, evaluate, bench"])
-    listing = subprocess.run([sys.executable, "-m", "gptexp", "--help"], capture_output=True, text=True, timeout=120)
+    listing = execute("-m", "gptexp", "--help", timeout=120)
     assert listing.returncode == 0 and "evaluate" in listing.stderr and list(tmp_path.iterdir()) == []

@@ -1,9 +1,9 @@
 import csv
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from training import execute
 
 ROOT = Path(__file__).resolve().parents[1]
 MEASURED = {"step_ms", "ms_per_token", "tokens_per_s", "mfu", "peak_memory_mb", "bandwidth_bound_tokens_per_s", "of_bound",
@@ -11,9 +11,9 @@ MEASURED = {"step_ms", "ms_per_token", "tokens_per_s", "mfu", "peak_memory_mb", 
 
 
 def test_smoke_benchmark_writes_one_row_per_implementation_and_case(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "gptexp", "bench", "preset=smoke", "repeats=2", "warmup=1",
-                             "quantize=[int8,int4]", "quantize_group_size=32",
-                             f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = execute("-m", "gptexp", "bench", "preset=smoke", "repeats=2", "warmup=1",
+                     "quantize=[int8,int4]", "quantize_group_size=32",
+                     f"hydra.run.dir={tmp_path}", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "bench.csv")))
     train = [(r["case"], r["impl"], r["seq_len"]) for r in rows if r["kind"] == "train" and r["precision"] == "fp32"]

@@ -5,11 +5,11 @@ import statistics
 
 import pytest
 import torch
-from training import column, metrics
 
-from gptexp import hardware
-from gptexp.callbacks.memory import AllocationCounter
-from gptexp.hardware import kept_peak_flops
+from gptexp.core import hardware
+from gptexp.core.hardware import kept_peak_flops
+from gptexp.training.callbacks.memory import AllocationCounter
+from training import column, metrics
 
 PHASES = ("data", "forward", "backward", "optimizer")
 

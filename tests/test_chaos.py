@@ -8,6 +8,7 @@ import signal
 import time
 
 import torch
+
 from training import history, launch, train
 
 ARGS = ["trainer.max_steps=1500", "optim.decay_steps=1500", "trainer.val_check_interval=250",

@@ -7,10 +7,11 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from gptexp import data, models
-from gptexp.config import ConfigError, build_dataclass
-from gptexp.optim import OptimConfig
+from gptexp import data
 from gptexp.commands.train import build_trainer
+from gptexp.core.config import ConfigError, build_dataclass
+from gptexp.training.optim import OptimConfig
+from gptexp.weights import pretrained
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -33,9 +34,9 @@ def test_every_group_has_options():
 def test_every_model_builds(model, tmp_path):
     """Architectures from their YAML (weights off: nothing to download), on the meta device."""
     cfg = composed(f"model={model}", output_dir=tmp_path)
-    spec = {k: v for k, v in cfg.model.items() if k not in models.WEIGHTS_KEYS}
+    spec = {k: v for k, v in cfg.model.items() if k not in pretrained.WEIGHTS_KEYS}
     with torch.device("meta"):
-        built = models.build(spec, vocab_size=512 if "llama" in model else 50257)
+        built = pretrained.build(spec, vocab_size=512 if "llama" in model else 50257)
     expected = {"gpt2": 124.4e6, "gpt2-medium": 354.8e6, "gpt2-large": 774.0e6, "gpt2-xl": 1557.6e6,
                 "llama2": 6.738e9, "llama2-13b": 13.016e9, "llama2-70b": 68.977e9, "llama2_260k": 260_032}
     if model in expected:  # the published sizes, a tied head counted once
@@ -57,7 +58,7 @@ def test_every_dataset_builds(dataset, tmp_path):
     extra = {"text": [f"data.path={tmp_path / 'text.txt'}"], "hf": [f"data.files={tmp_path / 'docs.jsonl'}"],
              "instruct": [f"data.files={tmp_path / 'qa.jsonl'}"]}
     cfg = composed(f"data={dataset}", *extra.get(dataset, []), output_dir=tmp_path)
-    tokenizer = "gpt2" if cfg.data.get("loader") == "hf" else models.tokenizer_spec(cfg.model)
+    tokenizer = "gpt2" if cfg.data.get("loader") == "hf" else pretrained.tokenizer(cfg.model, pretrained.weights_location(cfg.model))
     if dataset in HUB_PRESETS:
         with pytest.raises(ConfigError, match=f"data.path={HUB_PRESETS[dataset]}.*: .* data.files="):
             data.load(cfg.data, tokenizer)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from gptexp import data
-from gptexp.config import ConfigError
+from gptexp.core.config import ConfigError
 from gptexp.data.token_files import load_tokens, tokenize_once
 from gptexp.data.tokenizers import gpt2_tokenizer
 from gptexp.data.windows import RandomBatches, SequentialBatches, TokenWindows
@@ -124,7 +124,7 @@ def test_tinystories_bundled_sample_holds_whole_stories():
 
 def test_tinystories_documents_are_framed_per_tokenizer():
     """GPT-2: <|endoftext|> between stories; LLaMA (SentencePiece): BOS before every story."""
-    from gptexp.config import asset_path
+    from gptexp.core.config import asset_path
 
     gpt2 = data.build(data.load({"name": "tinystories", "source": "bundled"}, "gpt2"), context_length=256)
     gpt2.setup()
@@ -138,7 +138,7 @@ def test_tinystories_documents_are_framed_per_tokenizer():
 
 
 def test_shakespeare_with_a_llama_tokenizer():
-    from gptexp.config import asset_path
+    from gptexp.core.config import asset_path
 
     module = data.build(data.load({"name": "shakespeare"}, asset_path("stories260K/tok512.model")), context_length=64)
     module.setup()

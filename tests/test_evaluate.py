@@ -3,7 +3,6 @@ bits per byte, multiple choice, and its bad input."""
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,20 +10,19 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from training import ROOT
 
-from gptexp.config import asset_path
+from gptexp.core.config import asset_path
 from gptexp.data.tokenizers import gpt2_tokenizer
-from gptexp.scoring import windows
-from gptexp.sources import load_source
+from gptexp.eval.scoring import windows
+from gptexp.weights import load_source
+from training import ROOT, execute
 
 STORIES = asset_path("stories260K/stories260K.bin")
 
 
 def evaluate(*args: str, out, status: int = 0, logger: str = "none") -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "gptexp", "evaluate", *args, f"logger={logger}",
-                             f"hydra.run.dir={out}"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300, env=os.environ | {"PYTHONWARNINGS": "ignore"})
+    result = execute("-m", "gptexp", "evaluate", *args, f"logger={logger}",
+                     f"hydra.run.dir={out}", timeout=300)
     assert result.returncode == status, result.stderr[-3000:]
     return result
 

@@ -12,6 +12,7 @@ import textwrap
 
 import pytest
 import torch
+
 from training import ROOT, TINY, checkpoint_at_least, launch, wait_for
 
 LONG = ["trainer.max_steps=100000", "trainer.val_check_interval=500", "callbacks.resume_point.every_n_steps=50",
@@ -104,10 +105,10 @@ def test_a_run_directory_deleted_mid_run(tmp_path):
 WRITES = """
 import json, resource, sys, torch
 from pathlib import Path
-from gptexp.checkpoints import load, save_atomically
-from gptexp.callbacks.samples import TextSamples
-from gptexp.loggers import MetricsFile, read_metrics
-from gptexp.writing import WriteError
+from gptexp.weights.checkpoints import load, save_atomically
+from gptexp.training.callbacks.samples import TextSamples
+from gptexp.training.loggers import MetricsFile, read_metrics
+from gptexp.core.writing import WriteError
 
 out, errors = Path(sys.argv[1]), {}
 save_atomically({"w": torch.ones(10)}, out / "last.ckpt")

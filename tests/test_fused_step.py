@@ -1,14 +1,15 @@
-"""The fused decoding step (gptexp.models.fused_step): one C call does what the quantized model's forward does for
+"""The fused decoding step (gptexp.inference.fused_step): one C call does what the quantized model's forward does for
 one token of one row, for GPT-2 and LLaMA, and `decode` uses it; where it cannot apply, decoding runs forward."""
 
 import pytest
 import torch
 
-from gptexp.models import GPT2, GPT2Config, Llama, LlamaConfig, fused_step, generation, kernels, speculative
-from gptexp.models.quantize import quantize
+from gptexp.inference import fused_step, generation, kernels, speculative
+from gptexp.inference.quantize import quantize
+from gptexp.models import GPT2, GPT2Config, Llama, LlamaConfig
 
 pytestmark = pytest.mark.skipif(kernels.decode_step() is None, reason="no C compiler: decoding runs forward")
-INT4 = kernels.int4_matvec() is not None  # the one-row int4 kernel needs AVX512-BF16
+INT4 = kernels.available("int4_mv")  # the one-row int4 kernel needs AVX512-BF16
 
 
 def gpt2() -> GPT2:  # widths that are multiples of 128, which the one-row int4 kernel takes

@@ -3,9 +3,10 @@ import json
 import pytest
 import torch
 
-from gptexp import hardware
-from gptexp.models import GPT2, GPT2Config, generation
-from gptexp.models.generation import onednn_linears, sample_next
+from gptexp.core import hardware
+from gptexp.inference import generation
+from gptexp.inference.generation import onednn_linears, sample_next
+from gptexp.models import GPT2, GPT2Config
 
 
 def test_greedy_is_argmax():
@@ -117,8 +118,8 @@ def test_onednn_linears_leave_other_models_alone(change):
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_prompts_of_different_lengths_decode_in_one_padded_batch(arch):
     """Left-padded rows (their padding masked, their positions their own) write what each prompt writes alone."""
+    from gptexp.inference.generation import decode
     from gptexp.models import Llama, LlamaConfig
-    from gptexp.models.generation import decode
 
     torch.manual_seed(0)
     model = (GPT2(GPT2Config(block_size=48, vocab_size=97, n_layer=2, n_head=2, n_embd=32)) if arch == "gpt2" else

@@ -10,10 +10,11 @@ import pytest
 import torch
 from test_bad_input import in_process, one_line_error
 
-from gptexp.config import asset_path
+from gptexp.core.config import asset_path
 from gptexp.data.tokenizers import gpt2_tokenizer
 from gptexp.models import GPT2, GPT2Config
-from gptexp.sources import Source, load_source
+from gptexp.weights import Source, load_source, save_hf
+from training import execute
 
 pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
@@ -41,7 +42,7 @@ def tiny_gpt2(tmp_path_factory):
     torch.manual_seed(0)
     model = GPT2(GPT2Config(block_size=1024, n_layer=2, n_head=2, n_embd=64)).eval()
     directory = tmp_path_factory.mktemp("gpt2")
-    model.save_pretrained(directory)
+    save_hf(model, directory)
     return model, directory
 
 
@@ -99,7 +100,7 @@ def test_export_gguf_refuses_bad_input_in_one_line(arguments, messages, run_dir,
 @pytest.fixture(scope="module")
 def written(tmp_path_factory):
     """stories260K and a random GPT-2 (64 positions) written in f32 and q4_0 by gptexp's writer."""
-    from gptexp.models.gguf_files import write_gguf
+    from gptexp.weights import gguf
 
     directory = tmp_path_factory.mktemp("gguf")
     torch.manual_seed(0)
@@ -109,7 +110,7 @@ def written(tmp_path_factory):
     for name, source in models.items():
         for dtype in ("f32", "q4_0"):
             paths[name, dtype] = directory / f"{name}-{dtype}.gguf"
-            write_gguf(source.model, source.tokenizer, paths[name, dtype], dtype)
+            gguf.write(source.model, source.tokenizer, paths[name, dtype], dtype)
     return {name: source.model for name, source in models.items()}, paths
 
 
@@ -183,14 +184,13 @@ def test_a_gguf_gptexp_cannot_read_is_one_line(case, messages, written, tmp_path
 def test_a_gguf_file_is_a_finetuning_base(written, tmp_path, monkeypatch):
     """model.checkpoint=<file.gguf> (GPT-2: model.pretrained=): the model and (for a LLaMA, as a file in gptexp's
     cache) the tokenizer come from the file; a short LoRA run on it lowers the loss."""
-    import subprocess
 
     from hydra import compose, initialize_config_dir
 
-    from gptexp import models
-    from gptexp.config import CONF_DIR
+    from gptexp.core.config import CONF_DIR
     from gptexp.data.tokenizers import load_tokenizer
-    from training import ROOT, column, metrics
+    from gptexp.weights import pretrained
+    from training import column, metrics
 
     monkeypatch.setenv("GPTEXP_CACHE", str(tmp_path / "cache"))
     originals, paths = written
@@ -198,20 +198,20 @@ def test_a_gguf_file_is_a_finetuning_base(written, tmp_path, monkeypatch):
     for name, config, key in (("gpt2", "gpt2", "pretrained"), ("llama", "llama2", "checkpoint")):
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             cfg = compose("train", overrides=[f"model={config}", f"model.{key}={paths[name, 'f32']}"])
-        tokenizer = load_tokenizer(models.tokenizer_spec(cfg.model))
-        built = models.build(cfg.model, vocab_size=tokenizer.vocab_size).eval()
+        location = pretrained.weights_location(cfg.model)
+        tokenizer = load_tokenizer(pretrained.tokenizer(cfg.model, location))
+        built = pretrained.build(cfg.model, tokenizer.vocab_size, location).eval()
         with torch.inference_mode():
             assert torch.equal(built(x)[0], originals[name](x)[0])
         assert tokenizer.encode(TEXTS[0]) == load_source(str(paths[name, "f32"])).tokenizer.encode(TEXTS[0])
-    assert len(list((tmp_path / "cache" / "tokenizers").glob("sp-*.model"))) == 1
+    assert not (tmp_path / "cache" / "tokenizers").exists()  # the file's tokenizer travels as an object, not a file
 
-    result = subprocess.run([sys.executable, "train.py", "model=llama2", f"model.checkpoint={paths['llama', 'q4_0']}",
-                             "finetune=lora", "data=tinystories", "data.source=bundled", "data.seq_len=64",
-                             "data.batch_size=8", "trainer.max_steps=8", "trainer.val_check_interval=8",
-                             "trainer.limit_val_batches=4", "optim.lr=1e-2", "logger=csv",
-                             "callbacks.samples.max_new_tokens=4", f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=600,
-                            env=os.environ | {"GPTEXP_CACHE": str(tmp_path / "cache"), "PYTHONWARNINGS": "ignore"})
+    result = execute("train.py", "model=llama2", f"model.checkpoint={paths['llama', 'q4_0']}",
+                     "finetune=lora", "data=tinystories", "data.source=bundled", "data.seq_len=64",
+                     "data.batch_size=8", "trainer.max_steps=8", "trainer.val_check_interval=8",
+                     "trainer.limit_val_batches=4", "optim.lr=1e-2", "logger=csv",
+                     "callbacks.samples.max_new_tokens=4", f"hydra.run.dir={tmp_path / 'run'}",
+                     env=os.environ | {"GPTEXP_CACHE": str(tmp_path / "cache")}, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     losses = [loss for _, loss in column(metrics(tmp_path / "run"), "val/loss")]
     assert len(losses) == 2 and losses[1] < losses[0]
@@ -224,7 +224,7 @@ def test_a_gguf_base_of_another_architecture_is_one_line(written, tmp_path, monk
                                              "data.seq_len=32", "logger=csv", f"hydra.run.dir={tmp_path / 'run'}"],
                                 monkeypatch, capfd)
     assert status == 2
-    one_line_error(stderr, ["holds GGUF's llama architecture, not a GPT2; use model=llama2"])
+    one_line_error(stderr, ["holds a Llama, not a GPT2; use model=llama2"])
     assert not (tmp_path / "run").exists()
 
 
@@ -253,12 +253,12 @@ def test_llama_cpp_reads_the_file_and_decodes_as_gptexp_does(name, dtype, writte
     q8_0 llama.cpp also rounds the activations to 8 bits for its products, so its logits move by up to ~0.3 and the
     texts part at the first near-tie (measured: after 131 of 200 tokens, where gptexp's top two logits were 0.036
     apart); past the first 100 tokens each of its choices must be gptexp's or within 0.1 of it."""
-    from gptexp.models.gguf_files import write_gguf
+    from gptexp.weights import gguf
 
     models, paths = written
     path = paths.get((name, dtype)) or tmp_path / f"{name}-{dtype}.gguf"
     if not path.exists():
-        write_gguf(models[name], load_source(STORIES).tokenizer, path, dtype)
+        gguf.write(models[name], load_source(STORIES).tokenizer, path, dtype)
     source = load_source(str(path))
     tokenizer, model = source.tokenizer, source.model
     prompt = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode("Once upon a time")
@@ -282,3 +282,24 @@ def test_llama_cpp_reads_the_file_and_decodes_as_gptexp_does(name, dtype, writte
             assert vocabulary_check.tokenize(text.encode(), add_bos=False, special=False) == tokenizer.encode(text)
     finally:
         vocabulary_check.close()
+
+
+def test_the_decode_bench_runs_llama_cpp_beside_gptexps_quantized_rows(tmp_path):
+    """bench's llama.cpp rows (llama-cpp-python, where installed): the same GPT-2 as q8_0 and q4_0 GGUF, batch 1,
+    interleaved with gptexp's int8 and int4 and compared with them."""
+    pytest.importorskip("llama_cpp")
+    import csv
+
+    result = execute("-m", "gptexp", "bench", "preset=decode", "preset.generate.gpt2_124m.model.n_layer=1",
+                     "preset.generate.gpt2_124m.model.n_head=2", "preset.generate.gpt2_124m.model.n_embd=128",
+                     "preset.generate.gpt2_124m.new_tokens=8", "preset.generate.gpt2_124m.batch=[1,2]",
+                     "precision=[fp32]", "impls=[gptexp]", "repeats=1", "warmup=0", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {(r["impl"], r["precision"], r["batch"]): r for r in csv.DictReader(open(tmp_path / "bench.csv"))}
+    assert {key for key in rows if key[0] == "llama.cpp"} == {("llama.cpp", "q8_0", "1"), ("llama.cpp", "q4_0", "1")}
+    for theirs, ours in (("q8_0", "int8"), ("q4_0", "int4")):
+        row = rows["llama.cpp", theirs, "1"]
+        assert float(row["tokens_per_s"]) > 0 and 0 < float(row["of_bound"]) < 1
+        assert f"gptexp {ours} " in result.stdout and f"against llama.cpp {theirs} " in result.stdout
+    read = {dtype: float(rows["llama.cpp", dtype, "1"]["weight_mb_per_step"]) for dtype in ("q8_0", "q4_0")}
+    assert read["q4_0"] < read["q8_0"]

@@ -127,7 +127,7 @@ def test_measuring_callbacks_on_the_gpu(tmp_path):
 
 def _stories() -> str:
     """The bundled llama2.c stories260K."""
-    from gptexp.config import asset_path
+    from gptexp.core.config import asset_path
 
     return asset_path("stories260K/stories260K.bin")
 
@@ -148,7 +148,7 @@ def val_losses(run_dir: Path) -> list[float]:
 
 def test_train_py_in_bf16_mixed_clips_beside_the_fused_adamw(tmp_path):
     """Lightning's mixed-precision plugin refuses to clip for torch's fused AdamW; gptexp clips those gradients
-    itself (gptexp.module.configure_gradient_clipping). On the GPU, through train.py."""
+    itself (gptexp.training.module.configure_gradient_clipping). On the GPU, through train.py."""
     output = train_tiny(tmp_path, "trainer.accelerator=gpu", "trainer.precision=bf16-mixed", "optim.name=adamw",
                         "optim.fused=true", "trainer.gradient_clip_val=1.0", "trainer.max_steps=100",
                         "trainer.val_check_interval=50", "logger=csv")
@@ -162,7 +162,7 @@ def test_train_py_in_bf16_mixed_clips_beside_the_fused_adamw(tmp_path):
 def test_precision_auto_is_bf16_mixed_on_cuda_and_muon_trains_there(tmp_path):
     """trainer.precision=auto (the default) picks bf16-mixed on a CUDA GPU with bf16, and says why; Muon (the
     miniGPT recipe's optimizer) trains in it, its gradients clipped by Lightning's plugin (Muon is not fused)."""
-    from gptexp import precision
+    from gptexp.training import precision
 
     assert precision.resolve("auto", "gpu")[0] == precision.resolve("auto", "auto")[0] == "bf16-mixed"
     output = train_tiny(tmp_path, "trainer.accelerator=gpu", "trainer.precision=auto", "optim.name=muon",
@@ -181,8 +181,8 @@ def clipped_gradient_norms(accelerator: str, optimizer: str, clip: float = 0.05,
     import lightning as L
     from torch.utils.data import DataLoader, TensorDataset
 
-    from gptexp.module import LanguageModelModule
-    from gptexp.optim import OptimConfig
+    from gptexp.training.module import LanguageModelModule
+    from gptexp.training.optim import OptimConfig
 
     def total_norm(optimizer) -> float:
         grads = [p.grad.float() for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -207,7 +207,7 @@ def clipped_gradient_norms(accelerator: str, optimizer: str, clip: float = 0.05,
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_bf16_mixed_gradients_are_clipped_on_the_gpu(optimizer):
-    from gptexp.optim import MuonWithAdamW
+    from gptexp.training.optim import MuonWithAdamW
 
     norms, stepped = clipped_gradient_norms("gpu", optimizer)
     assert len(norms) == 3
@@ -294,8 +294,8 @@ def test_evaluate_on_cuda_gives_the_cpus_perplexity(name, tiny_hf_gpt2, tmp_path
 def test_prompts_of_different_lengths_decode_in_one_padded_batch_on_cuda(arch, dtype):
     """Left-padded rows on the GPU write what each prompt writes alone (float32: exactly; bf16: rounding may
     flip a near-tie late in a row, as for the cache, above)."""
+    from gptexp.inference.generation import decode
     from gptexp.models import Llama, LlamaConfig
-    from gptexp.models.generation import decode
 
     torch.manual_seed(0)
     model = (GPT2(GPT2Config(block_size=48, vocab_size=97, n_layer=2, n_head=2, n_embd=32)) if arch == "gpt2" else
@@ -318,6 +318,7 @@ def test_hf_shards_are_read_by_gpu_processes_as_by_the_cpu(tmp_path):
     """data=hf: local Parquet tokenized into llm.c shards, then read by two GPU processes (DDP) where the machine
     has two GPUs, else one; in float32 the losses follow a CPU process reading the same global batches."""
     from test_hf_data import SCALED_DOWN, parquet_files
+
     from training import column, metrics
 
     parquet_files(tmp_path / "parquet")
@@ -361,7 +362,7 @@ def test_train_py_compiled_validates_by_chunks_as_eager_does(tmp_path):
 def test_quantized_models_decode_on_cuda_as_their_dequantized_weights_do(scheme):
     """ATen's CUDA kernels (int8: _weight_int8pack_mm; int4: tinygemm's _weight_int4pack_mm, bf16) against the
     float model holding the dequantized weights, and the CPU's greedy tokens."""
-    from gptexp.models.quantize import QuantizedLinear, quantize
+    from gptexp.inference.quantize import QuantizedLinear, quantize
 
     model = quantize(tiny_gpt2(), scheme, 32)
     cuda = copy.deepcopy(model).cuda().to(torch.bfloat16)

@@ -14,14 +14,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import tiktoken
-from training import ROOT
 
 from gptexp import data
-from gptexp.config import ConfigError
+from gptexp.core.config import ConfigError
 from gptexp.data import sharding, tinystories
 from gptexp.data.llmc_shards import read_shard
 from gptexp.data.tokenizers import BPETokenizer, SentencePieceTokenizer, gpt2_tokenizer
 from gptexp.data.windows import EpochBatches, SequentialBatches
+from training import ROOT, execute
 
 STORIES = tinystories.stories((resources.files("gptexp.assets") / "tinystories_sample.txt").read_text())
 
@@ -96,7 +96,7 @@ def test_json_lines_and_text_files_with_their_own_validation_files(tmp_path):
 
 
 def test_a_sentencepiece_tokenizer_leads_each_document_with_bos(tmp_path):
-    from gptexp.config import asset_path
+    from gptexp.core.config import asset_path
 
     spec = asset_path("stories260K/tok512.model")
     module = prepared(hf_config(tmp_path, files=parquet_files(tmp_path / "parquet")), tokenizer=spec)
@@ -127,7 +127,7 @@ def test_a_changed_file_or_tokenizer_makes_new_shards(tmp_path):
     changed = prepared(hf_config(tmp_path, files=files)).source.directory
     assert changed != first
     assert prepared(hf_config(tmp_path, files=files, val_fraction=0.2)).source.directory.parent != changed.parent
-    from gptexp.config import asset_path
+    from gptexp.core.config import asset_path
 
     llama = prepared(hf_config(tmp_path, files=files), tokenizer=asset_path("stories260K/tok512.model"))
     assert llama.source.directory != changed
@@ -187,8 +187,7 @@ def test_bad_hf_config_names_the_key_and_the_fix(tmp_path, overrides, message):
                                              ("tinystories_hub", "roneneldan/TinyStories")])
 def test_presets_offline_stop_at_once_with_one_line(tmp_path, preset, dataset):
     began = time.time()
-    result = subprocess.run([sys.executable, "train.py", "model=gpt2", f"data={preset}", f"hydra.run.dir={tmp_path}"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = execute("train.py", "model=gpt2", f"data={preset}", f"hydra.run.dir={tmp_path}", timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
@@ -266,26 +265,23 @@ def test_the_reproduction_recipe_scaled_down_on_two_ddp_processes(tmp_path):
 def test_prepare_writes_the_shards_train_py_then_reads(tmp_path):
     files = parquet_files(tmp_path / "parquet")
     common = ["data=hf", f"data.files={files}", "data.column=story", "data.val_fraction=0.1"]
-    result = subprocess.run([sys.executable, "-m", "gptexp", "prepare", *common, f"output={tmp_path / 'shards'}",
-                             "data.num_proc=2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = execute("-m", "gptexp", "prepare", *common, f"output={tmp_path / 'shards'}",
+                     "data.num_proc=2", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert lines[0].startswith("val: 232 documents, ") and lines[1].startswith("train: 2,084 documents, ")
     assert lines[2].startswith(f"-> {tmp_path / 'shards'}/hf-") and "tokens/s" in lines[2]
-    again = subprocess.run([sys.executable, "-m", "gptexp", "prepare", *common, f"output={tmp_path / 'shards'}"],
-                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+    again = execute("-m", "gptexp", "prepare", *common, f"output={tmp_path / 'shards'}", timeout=300)
     assert again.returncode == 0 and again.stdout.splitlines()[:2] == lines[:2] and "(there already)" in again.stdout
-    run = subprocess.run([sys.executable, "train.py", "model=gpt2", "model.n_layer=1", "model.n_head=2",
-                          "model.n_embd=32", "model.block_size=64", *common, f"data.cache_dir={tmp_path / 'shards'}",
-                          "trainer.max_steps=2", "trainer.val_check_interval=2", "data.val_tokens=2048", "logger=csv",
-                          "callbacks.samples.max_new_tokens=8", f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
+    run = execute("train.py", "model=gpt2", "model.n_layer=1", "model.n_head=2",
+                  "model.n_embd=32", "model.block_size=64", *common, f"data.cache_dir={tmp_path / 'shards'}",
+                  "trainer.max_steps=2", "trainer.val_check_interval=2", "data.val_tokens=2048", "logger=csv",
+                  "callbacks.samples.max_new_tokens=8", f"hydra.run.dir={tmp_path / 'run'}", timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "tokenizing" not in run.stderr and "prepared" not in run.stderr  # read, not made again
-    scored = subprocess.run([sys.executable, "-m", "gptexp", "evaluate", f"source={tmp_path / 'run'}", *common,
-                             f"data.cache_dir={tmp_path / 'shards'}", "data.val_tokens=2048", "logger=none",
-                             f"hydra.run.dir={tmp_path / 'eval'}"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=300)
+    scored = execute("-m", "gptexp", "evaluate", f"source={tmp_path / 'run'}", *common,
+                     f"data.cache_dir={tmp_path / 'shards'}", "data.val_tokens=2048", "logger=none",
+                     f"hydra.run.dir={tmp_path / 'eval'}", timeout=300)
     assert scored.returncode == 0, scored.stderr[-3000:]
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert results["tokens"] == 2048 and results["on"] == "data=hf split=val (first 2,049 tokens)"

@@ -5,8 +5,8 @@ import signal
 import sys
 
 import torch
-from training import (ROOT, checkpoint_at_least, column, history, launch, metrics, saved_step, train,
-                      wait_for)
+
+from training import ROOT, checkpoint_at_least, column, history, launch, metrics, saved_step, train, wait_for
 
 # a fixed schedule (decay_steps), so that a run of 600 steps extended to 1200 is the 1200-step run;
 # dropout makes the RNG state matter

@@ -5,19 +5,17 @@ divided by its answer tokens however the step is split (batch 8, 2 x 4 accumulat
 import json
 import logging
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from training import ROOT
 
 from gptexp import data
-from gptexp.config import asset_path
+from gptexp.core.config import asset_path
 from gptexp.data.example_batches import ExampleDataModule, ExampleRows
-from gptexp.models import Llama
+from gptexp.weights import load_model
+from training import ROOT, execute
 
 STORIES = asset_path("stories260K/stories260K.bin")
 SP = asset_path("stories260K/tok512.model")
@@ -85,7 +83,7 @@ def test_presets_read_local_files_of_their_hubs_schemas(tmp_path):
     and ultrafeedback (prompt, chosen and rejected conversations, test_prefs to validate), offline."""
     from hydra import compose, initialize_config_dir
 
-    from gptexp.config import CONF_DIR
+    from gptexp.core.config import CONF_DIR
 
     dolly = [{"instruction": f"Summarise {i}.", "context": "Cats sleep a lot." if i % 2 else "",
               "response": "They sleep.", "category": "summarization"} for i in range(8)]
@@ -189,7 +187,7 @@ def test_a_packed_batch_gives_each_example_its_loss_alone(tmp_path, caplog):
     assert max(map(len, rows)) > 1  # examples share rows
     inputs, targets = module.splits["train"]
     batch = ExampleRows(inputs, targets, width=256)[{"rows": rows}]
-    model = Llama.from_pretrained(STORIES).float().eval()
+    model = load_model(STORIES).float().eval()
     with torch.no_grad():
         logits, _ = model(batch["x"], documents=batch["documents"])
         packed = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["y"].flatten(), ignore_index=-1,
@@ -222,9 +220,8 @@ def test_a_steps_gradient_is_the_same_however_the_step_is_split(tmp_path):
     grads = {}
     for name, overrides in splits.items():
         dump = tmp_path / f"{name.replace(' ', '_')}.pt"
-        result = subprocess.run([sys.executable, "train.py", *common, *overrides, f"+callbacks.grads.path={dump}",
-                                 f"hydra.run.dir={tmp_path / name.replace(' ', '_')}"], cwd=ROOT, capture_output=True,
-                                text=True, timeout=600, env=env)
+        result = execute("train.py", *common, *overrides, f"+callbacks.grads.path={dump}",
+                         f"hydra.run.dir={tmp_path / name.replace(' ', '_')}", env=env, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
         grads[name] = torch.load(dump)
 
@@ -234,7 +231,7 @@ def test_a_steps_gradient_is_the_same_however_the_step_is_split(tmp_path):
     inputs, targets = module.splits["train"]
     step = module.sampler(num_batches=1).global_batch(0)
     assert len({len(targets[i]) for row in step for i in row}) > 2  # answers of unequal lengths
-    model = Llama.from_pretrained(STORIES)
+    model = load_model(STORIES)
     total = sum(torch.nn.functional.cross_entropy(model(torch.from_numpy(inputs[i])[None])[0][0],
                                                   torch.from_numpy(targets[i]), ignore_index=-1, reduction="sum")
                 for row in step for i in row)
@@ -299,8 +296,8 @@ def test_llama2_lora_on_alpaca_composes_and_runs_on_a_tiny_llama(tmp_path):
     import transformers
     from hydra import compose, initialize_config_dir
 
-    from gptexp.config import CONF_DIR
-    from gptexp.sources import load_source
+    from gptexp.core.config import CONF_DIR
+    from gptexp.weights import load_source
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("train", overrides=["model=llama2", "finetune=lora", "data=alpaca_cleaned",
@@ -315,12 +312,11 @@ def test_llama2_lora_on_alpaca_composes_and_runs_on_a_tiny_llama(tmp_path):
     transformers.LlamaForCausalLM(config).save_pretrained(base)
     shutil.copyfile(SP, base / "tokenizer.model")
     records = write_jsonl(tmp_path / "alpaca.jsonl", alpaca_rows(24))
-    result = subprocess.run([sys.executable, "train.py", "model=llama2", f"model.checkpoint={base}", "finetune=lora",
-                             "data=alpaca_cleaned", "data.path=null", f"data.files={records}", "data.batch_size=4",
-                             f"data.cache_dir={tmp_path / 'cache'}", "trainer.max_steps=4", "trainer.val_check_interval=4",
-                             "optim.lr=1e-2", "trainer.precision=32-true", "logger=csv",
-                             "callbacks.samples.max_new_tokens=8", f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=600, env=os.environ | {"PYTHONWARNINGS": "ignore"})
+    result = execute("train.py", "model=llama2", f"model.checkpoint={base}", "finetune=lora",
+                     "data=alpaca_cleaned", "data.path=null", f"data.files={records}", "data.batch_size=4",
+                     f"data.cache_dir={tmp_path / 'cache'}", "trainer.max_steps=4", "trainer.val_check_interval=4",
+                     "optim.lr=1e-2", "trainer.precision=32-true", "logger=csv",
+                     "callbacks.samples.max_new_tokens=8", f"hydra.run.dir={tmp_path / 'run'}", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "objective: instruction, on alpaca data in template alpaca" in result.stdout + result.stderr
     ours = load_source(str(tmp_path / "run"), "last")
@@ -376,9 +372,7 @@ def test_an_instruction_run_resumes_exactly(tmp_path):
               "callbacks.samples.max_new_tokens=4", "optim.warmup_steps=2", "optim.decay_steps=8"]
 
     def run(*overrides: str, name: str) -> list:
-        result = subprocess.run([sys.executable, "train.py", *common, *overrides, f"hydra.run.dir={tmp_path / name}"],
-                                cwd=ROOT, capture_output=True, text=True, timeout=600,
-                                env=os.environ | {"PYTHONWARNINGS": "ignore"})
+        result = execute("train.py", *common, *overrides, f"hydra.run.dir={tmp_path / name}", timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
         return column(metrics(tmp_path / name), "train/loss")
 

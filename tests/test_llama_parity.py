@@ -16,7 +16,7 @@ import torch
 import transformers
 
 from gptexp.models import Llama, LlamaConfig
-
+from gptexp.weights import load_model, save_hf
 
 VOCAB, CONTEXT, DIM, HEADS, KV_HEADS, LAYERS, HIDDEN = 97, 32, 64, 4, 2, 2, 96
 
@@ -111,11 +111,11 @@ def test_hf_directories_both_ways(tmp_path, tie):
     hf = hf_reference(tie=tie)
     hf.save_pretrained(tmp_path / "hf", max_shard_size="40KB")  # sharded: model.safetensors.index.json
     assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
-    ours = Llama.from_pretrained(tmp_path / "hf")
+    ours = load_model(tmp_path / "hf")
     x, _ = batch()
     assert logits_diff(ours(x)[0], hf(x).logits) <= 1e-5
     assert (ours.lm_head.weight is ours.model.embed_tokens.weight) == tie
-    ours.save_pretrained(tmp_path / "ours")
+    save_hf(ours, tmp_path / "ours")
     back = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "ours").eval()
     assert logits_diff(back(x).logits, hf(x).logits) <= 1e-5
 
@@ -162,7 +162,7 @@ def write_meta(hf: transformers.LlamaForCausalLM, directory, shards: int) -> Non
 def test_meta_checkpoint_loads_to_the_same_logits(pair, tmp_path, shards):
     hf, _ = pair
     write_meta(hf, tmp_path / "meta", shards)
-    ours = Llama.from_pretrained(tmp_path / "meta")
+    ours = load_model(tmp_path / "meta")
     x, _ = batch()
     assert logits_diff(ours(x)[0], hf(x).logits) <= 1e-5
 
@@ -171,7 +171,7 @@ def test_a_missing_rotary_permutation_would_be_caught(pair, tmp_path):
     """Meta rows loaded as if they were HF rows: the logits move far beyond tolerance."""
     hf, _ = pair
     write_meta(hf, tmp_path / "meta", shards=1)
-    ours = Llama.from_pretrained(tmp_path / "meta")
+    ours = load_model(tmp_path / "meta")
     with torch.no_grad():
         for i in range(LAYERS):
             attn = ours.model.layers[i].self_attn
@@ -201,7 +201,7 @@ def write_llama2c(hf: transformers.LlamaForCausalLM, path, shared: bool) -> None
 def test_llama2c_bin_loads_to_the_same_logits(tmp_path, shared):
     hf = hf_reference(tie=shared)
     write_llama2c(hf, tmp_path / "model.bin", shared)
-    ours = Llama.from_pretrained(tmp_path / "model.bin")
+    ours = load_model(tmp_path / "model.bin")
     assert ours.config.tie_embeddings == shared and ours.config.max_seq_len == CONTEXT
     x, _ = batch()
     assert logits_diff(ours(x)[0], hf(x).logits) <= 1e-5
@@ -213,10 +213,10 @@ def test_bad_llama2c_files_are_named(pair, tmp_path):
     data = (tmp_path / "model.bin").read_bytes()
     (tmp_path / "short.bin").write_bytes(data[:-100])
     with pytest.raises(ValueError, match="the header describes .* bytes but the file has"):
-        Llama.from_pretrained(tmp_path / "short.bin")
+        load_model(tmp_path / "short.bin")
     (tmp_path / "v1.bin").write_bytes(struct.pack("<I", 0x616B3432) + data[4:])
     with pytest.raises(ValueError, match="versioned llama2.c export"):
-        Llama.from_pretrained(tmp_path / "v1.bin")
+        load_model(tmp_path / "v1.bin")
 
 
 @pytest.mark.parametrize("kwargs, message", [

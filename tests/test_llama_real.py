@@ -5,9 +5,8 @@ import pytest
 import torch
 import transformers
 
-from gptexp.config import asset_path
-from gptexp.data.tokenizers import SentencePieceTokenizer
-from gptexp.models import Llama
+from gptexp.core.config import asset_path
+from gptexp.weights import load_model, load_source, save_hf
 
 # llama2.c test_all.py expected_stdout: 200 steps from BOS, one new token each
 LLAMA2C_EXPECTED = (
@@ -22,7 +21,7 @@ LLAMA2C_EXPECTED = (
 
 @pytest.fixture(scope="module")
 def stories260k():
-    return Llama.from_pretrained(asset_path("stories260K/stories260K.bin")).eval()
+    return load_model(asset_path("stories260K/stories260K.bin")).eval()
 
 
 def test_checkpoint_shape(stories260k):
@@ -33,14 +32,14 @@ def test_checkpoint_shape(stories260k):
 
 
 def test_greedy_decoding_reproduces_llama2c(stories260k):
-    tokenizer = SentencePieceTokenizer(Llama.tokenizer_for(asset_path("stories260K/stories260K.bin")))
+    tokenizer = load_source(asset_path("stories260K/stories260K.bin")).tokenizer
     assert tokenizer.vocab_size == 512 and tokenizer.bos_id == 1
     out = stories260k.generate(torch.tensor([[tokenizer.bos_id]]), max_new_tokens=200, temperature=0)
     assert tokenizer.decode(out[0, 1:].tolist()) == LLAMA2C_EXPECTED
 
 
 def test_hf_transformers_agrees_on_the_real_weights(stories260k, tmp_path):
-    stories260k.save_pretrained(tmp_path)
+    save_hf(stories260k, tmp_path)
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
     x = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(0))
     assert (hf(x).logits - stories260k(x)[0]).abs().max().item() <= 1e-5

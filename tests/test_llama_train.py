@@ -3,9 +3,10 @@
 import csv
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
+
+from training import execute
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORT = ["model=llama2_260k", "data.seq_len=64", "data.batch_size=16", "data.eval_batch_size=256",
@@ -14,8 +15,7 @@ SHORT = ["model=llama2_260k", "data.seq_len=64", "data.batch_size=16", "data.eva
 
 
 def train(*overrides: str, run_dir: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train.py", *SHORT, *overrides, f"hydra.run.dir={run_dir}"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    return execute("train.py", *SHORT, *overrides, f"hydra.run.dir={run_dir}", timeout=600)
 
 
 def val_ppl(run_dir: Path) -> list[float]:
@@ -43,8 +43,7 @@ def test_full_finetune_on_tinystories(tmp_path):
 
 def test_llama2_without_weights_offline_stops_at_once_naming_the_fixes(tmp_path):
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "train.py", "model=llama2", f"hydra.run.dir={tmp_path}"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
+    result = execute("train.py", "model=llama2", f"hydra.run.dir={tmp_path}", timeout=120)
     assert result.returncode != 0
     assert "model.checkpoint=meta-llama/Llama-2-7b-hf" in result.stderr
     assert "model=llama2_260k" in result.stderr and "local directory" in result.stderr

@@ -2,14 +2,13 @@
 
 The reference files here are written by this test from HF transformers' GPT2LMHeadModel, following
 llm.c's train_gpt2.py (Conv1D weights transposed, per-layer tensors stacked by kind, wte and dwte
-padded with zero rows, dwte = the gradient of the tied weight), sharing no code with gptexp.models.llmc.
+padded with zero rows, dwte = the gradient of the tied weight), sharing no code with gptexp.weights.llmc.
 Tolerances are gptexp.commands.verify's defaults: |diff| <= 1e-6 + rtol * max |expected| with rtol 1e-4 for the
 logits (1e-5 for the loss) and 1e-3 for every gradient tensor.
 """
 
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +17,10 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from gptexp.models import GPT2, GPT2Config
-from gptexp.models.llmc import LlmcFormatError, padded_vocab, read_model, read_state, write_model, write_state
 from gptexp.commands.verify import verify
+from gptexp.models import GPT2, GPT2Config
+from gptexp.weights.llmc import LlmcFormatError, padded_vocab, read_model, read_state, write_model, write_state
+from training import execute
 
 ROOT = Path(__file__).resolve().parents[1]
 V, VP, C, L, NH, MAXT, B, T = 300, 384, 32, 2, 4, 16, 3, 16
@@ -104,10 +104,10 @@ def files(hf, batch, tmp_path_factory):
 
 
 def _copy(hf) -> GPT2:
-    from gptexp.models.gpt2 import state_dict_from_hf
+    from gptexp.weights.hf import gpt2_state_from_hf
 
     model = GPT2(GPT2Config(block_size=MAXT, vocab_size=V, n_layer=L, n_head=NH, n_embd=C))
-    model.load_state_dict(state_dict_from_hf(hf.state_dict()))
+    model.load_state_dict(gpt2_state_from_hf(hf.state_dict()))
     return model.eval()
 
 
@@ -272,8 +272,7 @@ def test_write_rejects_what_llmc_cannot_hold(batch):
 
 
 def cli(command: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gptexp", command, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    return execute("-m", "gptexp", command, *args, timeout=300)
 
 
 def test_export_and_verify_commands(run_dir, hf, files, tmp_path):

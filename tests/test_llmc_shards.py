@@ -1,18 +1,16 @@
 """llm.c's token shards (dev/data/data_common.py's format), written and read, and trained on."""
 
 import struct
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from training import ROOT, metrics, train
 
 from gptexp import data
-from gptexp.config import ConfigError
+from gptexp.core.config import ConfigError
 from gptexp.data import shakespeare
 from gptexp.data.llmc_shards import ShardedTokens, ShardError, read_shard, read_split, write_shard
 from gptexp.data.tokenizers import gpt2_tokenizer
+from training import ROOT, execute, metrics, train
 
 
 def reference_shard(path, tokens, magic=20240520, version=1, count=None):
@@ -78,8 +76,8 @@ def test_several_shards_read_as_one_array(tmp_path):
 
 
 def test_prepare_writes_llmc_shards_and_training_reads_them(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "gptexp", "prepare", "data=shakespeare", f"output={tmp_path}",
-                             "shard_tokens=100000"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = execute("-m", "gptexp", "prepare", "data=shakespeare", f"output={tmp_path}",
+                     "shard_tokens=100000", timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"shakespeare_train_{k:06d}.bin" for k in range(4)] + [
         "shakespeare_val_000000.bin"]

@@ -13,18 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptexp.cli import OUR_FULL_ERROR
-from gptexp.config import asset_path
+from gptexp.commands.cli import OUR_FULL_ERROR
+from gptexp.core.config import asset_path
 from gptexp.data.tokenizers import GPT2_EOT
-from gptexp.models import Llama
-from gptexp.models.quantize import QuantizedLinear
-from gptexp.sources import load_source
+from gptexp.inference.quantize import QuantizedLinear
+from gptexp.weights import load_model, load_source, save_hf
 
 lm_eval = pytest.importorskip("lm_eval")
 transformers = pytest.importorskip("transformers")
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from gptexp.lm_eval_adapter import GptexpLM  # noqa: E402
+from gptexp.eval.lm_eval_adapter import GptexpLM  # noqa: E402
 
 STORY = resources.files("gptexp.assets").joinpath("tinystories_sample.txt").read_text()[:4000]
 MC = [{"ctx": "Once upon a time, there was a little girl named", "endings": ["Lily.", "the table of carbon.", "Tom"],
@@ -91,7 +90,7 @@ def write_gpt2(directory: Path) -> None:
 def write_llama(directory: Path) -> None:
     """stories260K as an HF LLaMA, its SentencePiece model converted by transformers to add BOS by default, as
     LLaMA-2's HF tokenizer does."""
-    Llama.from_pretrained(asset_path("stories260K/stories260K.bin")).save_pretrained(directory)
+    save_hf(load_model(asset_path("stories260K/stories260K.bin")), directory)
     shutil.copyfile(asset_path("stories260K/tok512.model"), directory / "tokenizer.model")
     transformers.AutoTokenizer.from_pretrained(directory, add_bos_token=True).save_pretrained(directory)
 

@@ -6,12 +6,13 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file
+from test_llama_parity import VOCAB, batch, gptexp_copy, hf_reference
 
 from gptexp import finetune
-from gptexp.config import ConfigError
+from gptexp.core.config import ConfigError
 from gptexp.models import GPT2, GPT2Config, Llama
-from gptexp.optim import OptimConfig, build_optimizer
-from test_llama_parity import VOCAB, batch, gptexp_copy, hf_reference
+from gptexp.training.optim import OptimConfig, build_optimizer
+from gptexp.weights.hf import write_lora
 
 LORA = {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "down_proj"]}
 
@@ -42,7 +43,7 @@ def test_adapter_loads_into_hf_with_peft(adapted, tmp_path):
     hf, model = adapted
     x, _ = batch()
     ours = model(x)[0]
-    finetune.save(model, tmp_path)
+    write_lora(model, tmp_path)
     assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["README.md", "adapter_config.json",
                                                                          "adapter_model.safetensors"]
     assert any(k.startswith("base_model.model.model.layers.0.self_attn.q_proj.lora_A")
@@ -58,7 +59,7 @@ def test_merged_checkpoint_equals_the_adapter_model(adapted, tmp_path):
     merged = finetune.merge(model)
     assert isinstance(merged, Llama) and not any("lora" in n for n, _ in merged.named_parameters())
     assert (merged(x)[0] - model(x)[0]).abs().max().item() <= 1e-5
-    finetune.save(model, tmp_path, merged=True)
+    write_lora(model, tmp_path, merged=True)
     reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()
     assert (reloaded(x).logits - model(x)[0]).abs().max().item() <= 1e-5
 

@@ -3,10 +3,10 @@ import math
 import pytest
 import torch
 
-from gptexp.config import ConfigError, build_dataclass
+from gptexp.core.config import ConfigError, build_dataclass
 from gptexp.models import GPT2, GPT2Config
-from gptexp.module import LanguageModelModule
-from gptexp.optim import OptimConfig, build_optimizer, lr_at
+from gptexp.training.module import LanguageModelModule
+from gptexp.training.optim import OptimConfig, build_optimizer, lr_at
 
 
 def tiny_module(**optim) -> LanguageModelModule:

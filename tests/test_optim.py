@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gptexp.models import GPT2, GPT2Config, Llama, LlamaConfig
-from gptexp.optim import MuonWithAdamW, OptimConfig, adamw, build_optimizer, hidden_matrices, lr_at
+from gptexp.training.optim import MuonWithAdamW, OptimConfig, adamw, build_optimizer, hidden_matrices, lr_at
 
 MUON = OptimConfig(name="muon", lr=3e-3, muon_lr=0.02, warmup_steps=2)
 

@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from gptexp import finetune
-from gptexp.config import asset_path
+from gptexp.core.config import asset_path
 from gptexp.models import GPT2, GPT2Config, Llama, LlamaConfig
-from gptexp.models.kv_cache import document_mask, document_positions
+from gptexp.models.attention import document_mask, document_positions
+from gptexp.weights import load_model
 
 ROWS = ((300, 45, 67), (150, 200))  # example lengths of each row; the second row ends in 62 tokens of padding
 T = sum(ROWS[0])
@@ -26,7 +27,7 @@ def model(request):
         model = Llama(LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, hidden_dim=64,
                                   max_seq_len=512))
     else:
-        model = Llama.from_pretrained(asset_path("stories260K/stories260K.bin"))
+        model = load_model(asset_path("stories260K/stories260K.bin"))
         assert model.config.n_kv_heads < model.config.n_heads
     return model.float().eval()
 

@@ -3,15 +3,13 @@
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
-from training import ROOT, column, metrics, train
 
-from gptexp import precision
-from gptexp.config import ConfigError
-from gptexp.hardware import kept_peaks_path
+from gptexp.core.config import ConfigError
+from gptexp.core.hardware import kept_peaks_path
+from gptexp.training import precision
+from training import column, execute, metrics, train
 
 CURVE = ["trainer.max_steps=200", "trainer.val_check_interval=50", "trainer.log_every_n_steps=10", "logger=csv"]
 
@@ -105,9 +103,8 @@ def test_ddp_trains_in_bf16_mixed(tmp_path):
                                               (["optim=adamw"], "AdamW"), (["optim=muon"], "Muon for the hidden")])
 def test_the_default_recipe_trains_with_muon_unless_the_command_line_picks_adamw(picked, expected, tmp_path):
     """The miniGPT's recipe names Muon (optim.name); optim=adamw on the command line wins over it."""
-    result = subprocess.run([sys.executable, "train.py", "model.n_layer=1", "model.n_embd=32", "model.block_size=32",
-                             "trainer.max_steps=2", "trainer.precision=32-true", "callbacks.samples.max_new_tokens=4",
-                             "logger=csv", *picked, f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=300)
+    result = execute("train.py", "model.n_layer=1", "model.n_embd=32", "model.block_size=32",
+                     "trainer.max_steps=2", "trainer.precision=32-true", "callbacks.samples.max_new_tokens=4",
+                     "logger=csv", *picked, f"hydra.run.dir={tmp_path}", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"optimizer: {expected}" in result.stdout

@@ -5,16 +5,14 @@ ln 2 with zero margins, and a run starts from an earlier instruction run with fi
 import csv
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from training import ROOT
 
 from gptexp.finetune.objectives import Preference
+from training import ROOT, execute
 
 FAST = ["model=llama2_260k", "data.seq_len=160", "data.batch_size=4", "data.eval_batch_size=8",
         "trainer.precision=32-true", "logger=csv", "trainer.log_every_n_steps=1", "callbacks.samples.max_new_tokens=8"]
@@ -49,8 +47,7 @@ def test_log_probabilities_are_summed_over_the_answer_only():
 
 
 def train(*overrides: str, run_dir: Path) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "train.py", *FAST, *overrides, f"hydra.run.dir={run_dir}"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=600, env=os.environ | {"PYTHONWARNINGS": "ignore"})
+    result = execute("train.py", *FAST, *overrides, f"hydra.run.dir={run_dir}", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -82,21 +79,19 @@ def test_sample_and_evaluate_use_the_runs_template(sft_run, tmp_path):
     """sample mode=chat answers in the run's template (Alpaca here), stopping at its EOS; evaluate on the run's
     instruction data scores the answers only, in that template: its nats per answer token are the run's last
     val/loss."""
+    from gptexp.data import templates
     from gptexp.data.tokenizers import load_tokenizer
-    from gptexp.finetune import templates
 
-    chat = subprocess.run([sys.executable, "-m", "gptexp", "sample", f"source={sft_run}", "mode=chat", "temperature=0",
-                           "max_new_tokens=40", f"hydra.run.dir={tmp_path / 'chat'}"], cwd=ROOT, input="Write about a cat.\n",
-                          capture_output=True, text=True, timeout=300, env=os.environ | {"PYTHONWARNINGS": "ignore"})
+    chat = execute("-m", "gptexp", "sample", f"source={sft_run}", "mode=chat", "temperature=0",
+                   "max_new_tokens=40", f"hydra.run.dir={tmp_path / 'chat'}", input="Write about a cat.\n", timeout=300)
     assert chat.returncode == 0, chat.stderr[-3000:]
     assert "chat in template alpaca (the run's)" in chat.stderr
     record = json.loads((tmp_path / "chat" / "samples.jsonl").read_text().splitlines()[0])
     tokenizer = load_tokenizer(str(ROOT / "src/gptexp/assets/stories260K/tok512.model"))
     assert record["prompt_ids"] == templates.prompt_ids(templates.get("alpaca"), tokenizer, [], "Write about a cat.")
-    evaluated = subprocess.run([sys.executable, "-m", "gptexp", "evaluate", f"source={sft_run}", "checkpoint=last",
-                                "data=instruct", f"data.files={sft_run.parent / 'sft.jsonl'}", "logger=none",
-                                f"hydra.run.dir={tmp_path / 'eval'}"], cwd=ROOT, capture_output=True, text=True,
-                               timeout=300, env=os.environ | {"PYTHONWARNINGS": "ignore"})
+    evaluated = execute("-m", "gptexp", "evaluate", f"source={sft_run}", "checkpoint=last",
+                        "data=instruct", f"data.files={sft_run.parent / 'sft.jsonl'}", "logger=none",
+                        f"hydra.run.dir={tmp_path / 'eval'}", timeout=300)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert (results["task"], results["template"], results["dropped"]) == ("answers", "alpaca", 0)

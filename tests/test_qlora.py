@@ -14,9 +14,9 @@ import pytest
 import torch
 from test_bad_input import in_process, one_line_error
 
-from gptexp.config import asset_path
-from gptexp.models import nf4
-from gptexp.sources import load_source
+from gptexp.core.config import asset_path
+from gptexp.inference import nf4
+from gptexp.weights import load_source
 from training import column, metrics
 
 bnb = pytest.importorskip("bitsandbytes")

@@ -4,6 +4,7 @@ it was, and every command takes quantize=."""
 
 import copy
 import json
+import re
 import runpy
 import sys
 from pathlib import Path
@@ -14,11 +15,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from test_bad_input import in_process, one_line_error
 
-from gptexp.config import ConfigError, asset_path
+from gptexp.core.config import ConfigError, asset_path
+from gptexp.inference import kernels
+from gptexp.inference.quantize import QuantizedEmbedding, QuantizedLinear, quantize, read_bytes_per_token, weight_bytes
 from gptexp.models import GPT2, GPT2Config, Llama, LlamaConfig
-from gptexp.models.quantize import (QuantizedEmbedding, QuantizedLinear, quantize, read_bytes_per_token,
-                                    weight_bytes)
-from gptexp.sources import load_source
+from gptexp.weights import load_source, quantized
 
 STORIES = str(asset_path("stories260K/stories260K.bin"))
 
@@ -44,11 +45,24 @@ def dequantized_copy(model, quantized):
     return reference
 
 
+@pytest.fixture(params=["gptexp", "aten"])
+def products(request, monkeypatch) -> str:
+    """Whose kernels the layers built in the test multiply with: gptexp's operators, or ATen's alone (GPTEXP_KERNELS=0,
+    so that the fallback cannot rot)."""
+    if request.param == "aten":
+        monkeypatch.setenv("GPTEXP_KERNELS", "0")
+    elif not kernels.available("int8_mm"):
+        pytest.skip("gptexp's kernels are not built here (no C++ compiler or ninja)")
+    return request.param
+
+
 @pytest.mark.parametrize("build", [gpt2, llama])
 @pytest.mark.parametrize("scheme, group_size", [("int8", None), ("int4", 32), ("int4", 64)])
-def test_quantized_logits_equal_the_dequantized_float_model(build, scheme, group_size):
+def test_quantized_logits_equal_the_dequantized_float_model(build, scheme, group_size, products):
     model = build()
     quantized = quantize(copy.deepcopy(model), scheme, group_size or 128)
+    layers = [m for m in quantized.modules() if isinstance(m, QuantizedLinear)]
+    assert all((m.kernel is None) == (products == "aten") for m in layers if scheme == "int8")
     x = torch.randint(0, 100, (3, 17))
     reference = dequantized_copy(model, quantized)(x)[0]
     # float32 activations: int8's sums in another order, nothing more (1e-5 of logits of order 1); int4's kernels
@@ -77,7 +91,7 @@ def test_int4_products_round_only_their_inputs_to_bf16():
 def test_gptexps_int8_kernel_equals_atens(dtype, rows, width):
     layer = QuantizedLinear.from_linear(nn.Linear(width, 71), "int8").to(dtype)  # 71: a lone last channel
     x = torch.randn(rows, width, dtype=dtype)
-    assert layer.cpu_kernel(x) is not None  # this machine builds it (a C compiler is at hand)
+    assert layer.kernel == "int8_mm"  # this machine builds it (a C++ compiler is at hand)
     # ATen in float32 (its bf16 kernel reads past rows of 172), on the same bf16-rounded scales
     aten = (torch.ops.aten._weight_int8pack_mm(x.float(), layer.qweight, layer.scales.float()) + layer.bias).to(dtype)
     # float32: the same sums in another order; bf16: one rounding of the output either way
@@ -89,7 +103,7 @@ def test_gptexps_int8_kernel_equals_atens(dtype, rows, width):
 @pytest.mark.parametrize("width", [256, 768])
 def test_gptexps_int4_kernel_for_one_row_equals_atens(group_size, width):
     layer = QuantizedLinear.from_linear(nn.Linear(width, 100), "int4", group_size)
-    if layer.cpu_int4_kernel() is None:
+    if layer.kernel != "int4_mv":
         pytest.skip("this CPU lacks AVX512-BF16: one row runs through ATen's kernel")
     x = torch.randn(1, width)
     aten = torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), layer.packed, group_size,
@@ -129,9 +143,11 @@ def test_the_product_reads_the_packed_weight_and_never_a_float_copy(scheme, rows
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         layer(x)
     ops = {e.key for e in prof.key_averages()}
-    # gptexp's own kernels run outside ATen (test_gptexps_int8_kernel_equals_atens, ..._int4_kernel_...)
-    if scheme == "int4" and (rows > 1 or layer.cpu_int4_kernel() is None):
+    # gptexp's own operators where they apply (test_gptexps_int8_kernel_equals_atens, ..._int4_kernel_...)
+    if scheme == "int4" and (rows > 1 or layer.kernel is None):
         assert "aten::_weight_int4pack_mm_for_cpu" in ops, ops
+    elif layer.kernel is not None:
+        assert f"gptexp::{layer.kernel}" in ops, ops
     assert not ops & {"aten::mm", "aten::addmm", "aten::linear", "aten::matmul", "aten::_to_copy"} - (
         {"aten::_to_copy"} if scheme == "int4" else set()), ops  # int4: only the input is made bf16
     # nothing the size of a float weight is allocated: at most the output and small temporaries
@@ -181,7 +197,7 @@ def test_a_saved_quantized_model_loads_without_quantizing_again(tmp_path):
     source = load_source(STORIES)
     source.place("cpu", "fp32", "int8")
     path = tmp_path / "stories.int8.safetensors"
-    source.save_quantized(path)
+    quantized.write(source, path)
     loaded = load_source(str(path))
     loaded.place("cpu", "fp32")
     assert loaded.model.quantization == {"scheme": "int8", "group_size": None}
@@ -196,12 +212,12 @@ def test_a_saved_quantized_model_loads_without_quantizing_again(tmp_path):
 
 def test_a_saved_int4_gpt2_loads_with_its_tied_embedding(tmp_path):
     from gptexp.data.tokenizers import gpt2_tokenizer
-    from gptexp.sources import Source
+    from gptexp.weights import Source
 
     source = Source(GPT2(GPT2Config(block_size=32, vocab_size=50257, n_layer=1, n_head=2, n_embd=64)).eval(),
                     gpt2_tokenizer(), "a tiny GPT-2")
     source.place("cpu", "bf16", "int4", 64)
-    source.save_quantized(tmp_path / "m.safetensors")
+    quantized.write(source, tmp_path / "m.safetensors")
     loaded = load_source(str(tmp_path / "m.safetensors")).model
     assert loaded.transformer.wte.head[0] is loaded.lm_head
     x = torch.randint(0, 50257, (1, 8))
@@ -209,7 +225,7 @@ def test_a_saved_int4_gpt2_loads_with_its_tied_embedding(tmp_path):
 
 
 def test_quantizing_logs_its_time_and_sizes(caplog):
-    with caplog.at_level("INFO", logger="gptexp.models.quantize"):
+    with caplog.at_level("INFO", logger="gptexp.inference.quantize"):
         quantize(gpt2(), "int4", 32)
     assert "quantized 9 linear layers to int4 (groups of 32) in" in caplog.text and "MB ->" in caplog.text
 
@@ -265,12 +281,63 @@ def test_bad_quantize_settings_are_one_line(command, arguments, messages, tmp_pa
 
 
 @pytest.mark.parametrize("width", [192, 172])
-def test_without_a_compiler_int8_runs_through_atens_kernel(width, monkeypatch):
-    from gptexp.models import kernels
-
+def test_with_gptexp_kernels_0_int8_runs_through_atens_kernel(width, monkeypatch):
     layer = QuantizedLinear.from_linear(nn.Linear(width, 70), "int8").to(torch.bfloat16)
     x = torch.randn(5, width, dtype=torch.bfloat16)
     ours = layer(x)
-    monkeypatch.setattr(kernels, "int8_matmul", lambda: None)
-    assert layer.cpu_kernel(x) is None
+    monkeypatch.setenv("GPTEXP_KERNELS", "0")
+    layer.pack()
+    assert layer.kernel is None
     assert (layer(x).float() - ours.float()).abs().max().item() <= 2e-2 * ours.abs().max().item()
+
+
+needs_kernels = pytest.mark.skipif(not kernels.available("int8_mm"), reason="gptexp's kernels are not built here")
+
+
+@needs_kernels
+@pytest.mark.parametrize("name, arguments, message", [
+    ("int8_mm", lambda: (torch.randn(2, 5), torch.zeros(3, 4, dtype=torch.int8), torch.rand(3)), "shapes disagree"),
+    ("int8_mm", lambda: (torch.randn(2, 4), torch.zeros(3, 4, dtype=torch.int8), torch.rand(4)), "shapes disagree"),
+    ("int8_mm", lambda: (torch.randn(4), torch.zeros(3, 4, dtype=torch.int8), torch.rand(3)), "want x (M, K)"),
+    ("int8_mm", lambda: (torch.randn(2, 4).double(), torch.zeros(3, 4, dtype=torch.int8), torch.rand(3)),
+     "x must be float32 or bfloat16"),
+    ("int8_mm", lambda: (torch.randn(2, 4), torch.zeros(3, 4), torch.rand(3)), "want int8 w"),
+    ("int4_mv", lambda: (torch.randn(256), torch.zeros(3, 100, dtype=torch.uint8), torch.zeros(3, 4, 2).bfloat16(), 64),
+     "shapes disagree"),
+    ("int4_mv", lambda: (torch.randn(200), torch.zeros(3, 100, dtype=torch.uint8), torch.zeros(3, 4, 2).bfloat16(), 50),
+     "group size must be"),
+    ("int4_mv", lambda: (torch.randn(256), torch.zeros(3, 128, dtype=torch.uint8), torch.zeros(3, 4, 2), 64),
+     "bfloat16 scale_zero"),
+])
+def test_the_operators_refuse_wrong_shapes_and_dtypes_by_name(name, arguments, message):
+    if not kernels.available(name):
+        pytest.skip(f"gptexp::{name} is not built for this CPU")
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        getattr(torch.ops.gptexp, name)(*arguments())
+
+
+@needs_kernels
+def test_the_operators_pass_torchs_opcheck():
+    """Schema, fake (meta) kernel and dispatch, as torch.library.opcheck checks a custom operator."""
+    layer = QuantizedLinear.from_linear(nn.Linear(256, 40), "int8")
+    for x in (torch.randn(3, 256), torch.randn(1, 256).bfloat16()):
+        torch.library.opcheck(torch.ops.gptexp.int8_mm.default, (x, layer.qweight, layer.scales32))
+    if kernels.available("int4_mv"):
+        layer = QuantizedLinear.from_linear(nn.Linear(256, 40), "int4", 64)
+        torch.library.opcheck(torch.ops.gptexp.int4_mv.default, (torch.randn(256), layer.qweight,
+                                                                 layer.scale_zero_pairs, 64))
+
+
+@needs_kernels
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_torch_compile_traces_a_quantized_model_through_the_operators(scheme):
+    if scheme == "int4" and not kernels.available("int4_mv"):
+        pytest.skip("this CPU lacks AVX512-BF16: one row runs through ATen's kernel")
+    torch.manual_seed(0)  # widths that are multiples of 128, which the one-row int4 kernel takes
+    model = quantize(GPT2(GPT2Config(block_size=64, vocab_size=100, n_layer=2, n_head=2, n_embd=128)).eval(), scheme, 64)
+    used = {m.kernel for m in model.modules() if isinstance(m, QuantizedLinear)}
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # the operators' fake kernels give shapes
+    for x in (torch.randint(0, 100, (2, 9)), torch.randint(0, 100, (1, 1))):
+        with torch.no_grad():
+            assert torch.equal(compiled(x)[0], model(x)[0])
+    assert used - {None}, used

@@ -30,3 +30,17 @@ def test_gpt2_124m_on_bpe_shakespeare_runs(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "model: gpt2, 124.44M parameters; tokenizer gpt2 (50257 tokens)" in result.stdout + result.stderr
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_the_python_api_section_runs_as_written(tmp_path, monkeypatch, capsys):
+    """The README's Python API block, run in a fresh directory: a GPT-2 written as HF's format and read back, and
+    the bundled stories260K writing its story."""
+    section = (ROOT / "README.md").read_text().split("## Python API", 1)[1]
+    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(block, "README.md (Python API)", "exec"), namespace)
+    written, read_back = namespace["model"].eval(), namespace["source"].model
+    idx = namespace["idx"]
+    assert (read_back(idx)[0] - written(idx)[0]).abs().max() <= 1e-5
+    assert capsys.readouterr().out.splitlines()[-1].startswith("Once upon a time")

@@ -11,12 +11,14 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from training import checkpoint_at_least, column, launch, metrics, saved_step, train, wait_for
 
-from gptexp import checkpoints, data, models
-from gptexp.callbacks import ResumePoint, ResumeState
-from gptexp.module import LanguageModelModule, NonFiniteLossError
-from gptexp.optim import OptimConfig
+from gptexp import data
+from gptexp.training.callbacks import ResumePoint, ResumeState
+from gptexp.training.checkpoint_io import AtomicCheckpointIO
+from gptexp.training.module import LanguageModelModule, NonFiniteLossError
+from gptexp.training.optim import OptimConfig
+from gptexp.weights import checkpoints, pretrained
+from training import checkpoint_at_least, column, launch, metrics, saved_step, train, wait_for
 
 # long enough to be killed between two checkpoints; dropout makes the torch RNG state matter
 LONG = ["trainer.max_steps=150", "optim.decay_steps=150", "trainer.val_check_interval=75", "trainer.log_every_n_steps=1",
@@ -86,7 +88,7 @@ def test_a_kill_during_a_save_leaves_the_last_good_checkpoint(tmp_path):
     path = tmp_path / "last.ckpt"
     checkpoints.save_atomically({"version": "good", "w": torch.ones(3)}, path)
     writer = subprocess.Popen([sys.executable, "-c", (
-        "import sys, torch; from gptexp.checkpoints import save_atomically; "
+        "import sys, torch; from gptexp.weights.checkpoints import save_atomically; "
         "save_atomically({'version': 'new', 'w': torch.zeros(150_000_000)}, sys.argv[1])"), str(path)])
     wait_for(lambda: any(tmp_path.glob(".last.ckpt.*.tmp")), writer)
     writer.send_signal(signal.SIGKILL)
@@ -124,14 +126,14 @@ class InjectInfinity(L.Callback):
 
 def nonfinite_run(tmp_path, action: str) -> tuple[LanguageModelModule, L.Trainer]:
     source = data.load({"name": "shakespeare", "tokenizer": "char", "batch_size": 4, "cache_dir": str(tmp_path)}, "char")
-    model = models.build({"arch": "gpt2", "block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 16},
+    model = pretrained.build({"arch": "gpt2", "block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 16},
                          source.tokenizer.vocab_size)
     module = LanguageModelModule(model, OptimConfig(warmup_steps=2), on_nonfinite_loss=action)
     trainer = L.Trainer(max_steps=12, logger=L.pytorch.loggers.CSVLogger(tmp_path), enable_checkpointing=False,
                         enable_progress_bar=False, limit_val_batches=0, log_every_n_steps=1,
                         callbacks=[InjectInfinity(at=8), ResumeState(),
                                    ResumePoint(str(tmp_path / "last.ckpt"), every_n_steps=5)],
-                        plugins=[checkpoints.AtomicCheckpointIO()])
+                        plugins=[AtomicCheckpointIO()])
     trainer.fit(module, datamodule=data.build(source, context_length=16))
     return module, trainer
 

@@ -11,9 +11,9 @@ import sys
 import time
 
 import pytest
-from training import checkpoint_at_least, launch, saved_step, train, wait_for
 
-from gptexp.run_lock import DirectoryInUse, RunLock, secondary_rank
+from gptexp.core.run_lock import DirectoryInUse, RunLock, secondary_rank
+from training import checkpoint_at_least, launch, saved_step, train, wait_for
 
 
 def test_a_held_lock_refuses_a_second_holder_and_names_the_first(tmp_path):

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 from test_bad_input import in_process, one_line_error
-from training import TINY, history, train
 
-from gptexp import checkpoints
-from gptexp.callbacks.resume import rng_states, set_rng_states
-from gptexp.safe_load import UnsafeFileError, torch_load
+from gptexp.core.safe_load import UnsafeFileError, torch_load
+from gptexp.training.callbacks.resume import rng_states, set_rng_states
+from gptexp.weights import checkpoints
+from training import TINY, history, train
 
 
 class Payload:

@@ -10,19 +10,18 @@ from pathlib import Path
 import pytest
 import torch
 from test_llama_real import LLAMA2C_EXPECTED
-from training import ROOT, train
 
 from gptexp.commands.sample import TextStream
-from gptexp.config import asset_path
+from gptexp.core.config import asset_path
 from gptexp.data.tokenizers import gpt2_tokenizer
-from gptexp.sources import load_source
+from gptexp.weights import load_source
+from training import ROOT, execute, train
 
 STORIES = asset_path("stories260K/stories260K.bin")
 
 
 def sample(*args: str, out: Path) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "gptexp", "sample", *args, f"hydra.run.dir={out}"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300, env=os.environ | {"PYTHONWARNINGS": "ignore"})
+    result = execute("-m", "gptexp", "sample", *args, f"hydra.run.dir={out}", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -98,8 +97,8 @@ def bpe_run(tmp_path_factory) -> Path:
                    run_dir=run)
     assert result.returncode == 0, result.stderr[-3000:]
     for fmt, output in (("llmc", run / "model.bin"), ("hf", run / "hf")):
-        export = subprocess.run([sys.executable, "-m", "gptexp", "export", f"format={fmt}", f"source={run}",
-                                 f"output={output}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        export = execute("-m", "gptexp", "export", f"format={fmt}", f"source={run}",
+                         f"output={output}", timeout=300)
         assert export.returncode == 0, export.stderr[-2000:]
     return run
 
@@ -140,9 +139,8 @@ def test_bad_prompts_get_one_line_and_leave_nothing(case, run_dir, tmp_path):
                          "chat without an end-of-sequence token": (
                              "mode=chat", "template=plain closes every answer with an end-of-sequence token, which the "
                                           "tokenizer char-")}[case]
-    result = subprocess.run([sys.executable, "-m", "gptexp", "sample", f"source={run_dir}", argument,
-                             f"hydra.run.dir={tmp_path / 'out'}"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=300, env=os.environ | {"PYTHONWARNINGS": "ignore"})
+    result = execute("-m", "gptexp", "sample", f"source={run_dir}", argument,
+                     f"hydra.run.dir={tmp_path / 'out'}", timeout=300)
     assert result.returncode == 2 and result.stdout == ""
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.stderr
@@ -153,12 +151,11 @@ def test_a_lora_runs_adapter_is_applied(tmp_path):
     """stories260K after a few LoRA steps on Shakespeare: the command's greedy text is the adapter model's own
     (peft, unmerged), and not the base model's."""
     run = tmp_path / "lora"
-    result = subprocess.run([sys.executable, "train.py", "model=llama2_260k", "finetune=lora", "data=shakespeare",
-                             "optim.lr=3e-2", "optim.warmup_steps=0", "trainer.max_steps=12",
-                             "trainer.val_check_interval=12", "data.seq_len=64", "data.batch_size=8",
-                             "data.eval_batch_size=64", "trainer.limit_val_batches=2", "validate_first=false",
-                             "logger=csv", "trainer.precision=32-true", f"hydra.run.dir={run}"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=600, env=os.environ | {"PYTHONWARNINGS": "ignore"})
+    result = execute("train.py", "model=llama2_260k", "finetune=lora", "data=shakespeare",
+                     "optim.lr=3e-2", "optim.warmup_steps=0", "trainer.max_steps=12",
+                     "trainer.val_check_interval=12", "data.seq_len=64", "data.batch_size=8",
+                     "data.eval_batch_size=64", "trainer.limit_val_batches=2", "validate_first=false",
+                     "logger=csv", "trainer.precision=32-true", f"hydra.run.dir={run}", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     args = ["prompt='Once upon a time'", "temperature=0", "max_new_tokens=40", "ignore_eos=true"]
     tuned = sample(f"source={run}", "checkpoint=last", *args, out=tmp_path / "tuned").stdout
@@ -166,8 +163,8 @@ def test_a_lora_runs_adapter_is_applied(tmp_path):
     assert tuned != base
 
     from gptexp import finetune
-    from gptexp.checkpoints import load
     from gptexp.models import Llama, LlamaConfig
+    from gptexp.weights.checkpoints import load
 
     state = load(run / "checkpoints" / "last.ckpt")
     lora = state["gptexp_lora"]
@@ -193,10 +190,9 @@ def meta_dialog_tokens(tokenizer, dialog: list[dict]) -> list[int]:
 
 def test_chat_builds_llama2s_template_turn_by_turn(tmp_path):
     turns = ["Tell me a story.", "  What happened next? ", "And then?"]
-    result = subprocess.run([sys.executable, "-m", "gptexp", "sample", f"source={STORIES}", "mode=chat",
-                             "system='Be kind.'", "max_new_tokens=24", "temperature=0", f"hydra.run.dir={tmp_path}"],
-                            cwd=ROOT, input="\n".join(turns) + "\n\nnot read\n", capture_output=True, text=True,
-                            timeout=300, env=os.environ | {"PYTHONWARNINGS": "ignore"})
+    result = execute("-m", "gptexp", "sample", f"source={STORIES}", "mode=chat",
+                     "system='Be kind.'", "max_new_tokens=24", "temperature=0", f"hydra.run.dir={tmp_path}",
+                     input="\n".join(turns) + "\n\nnot read\n", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = records(tmp_path)
     assert [r["prompt"] for r in rows] == turns  # the empty line ended the chat
@@ -211,10 +207,9 @@ def test_chat_builds_llama2s_template_turn_by_turn(tmp_path):
 
 def test_chat_drops_the_oldest_exchanges_when_the_context_is_full(tmp_path):
     turns = [f"Turn {i}: " + "tell me about the big red ball and the park " * 3 for i in range(4)]
-    result = subprocess.run([sys.executable, "-m", "gptexp", "sample", f"source={STORIES}", "mode=chat",
-                             "max_new_tokens=380", "temperature=0", f"hydra.run.dir={tmp_path}"], cwd=ROOT,
-                            input="\n".join(turns) + "\n", capture_output=True, text=True, timeout=300,
-                            env=os.environ | {"PYTHONWARNINGS": "ignore"})
+    result = execute("-m", "gptexp", "sample", f"source={STORIES}", "mode=chat",
+                     "max_new_tokens=380", "temperature=0", f"hydra.run.dir={tmp_path}",
+                     input="\n".join(turns) + "\n", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "the history no longer fits the context: the oldest" in result.stderr
     rows = records(tmp_path)

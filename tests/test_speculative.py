@@ -9,11 +9,10 @@ import pytest
 import torch
 from test_bad_input import in_process, one_line_error
 
-from gptexp.config import asset_path
+from gptexp.core.config import asset_path
+from gptexp.inference.generation import decode, distribution
+from gptexp.inference.speculative import DraftModel, NgramProposer, SpeculationStats, _latest_continuation, verify
 from gptexp.models import GPT2, GPT2Config, Llama, LlamaConfig
-from gptexp.models.generation import decode, distribution
-from gptexp.models.speculative import (DraftModel, NgramProposer, SpeculationStats, _latest_continuation,
-                                       verify)
 
 STORIES = str(asset_path("stories260K/stories260K.bin"))
 
@@ -165,12 +164,12 @@ def test_sample_reports_the_acceptance_rate_on_stderr(tmp_path, monkeypatch, cap
 ])
 def test_bad_drafts_are_one_line(arguments, messages, tmp_path, monkeypatch, capfd):
     from gptexp.data.tokenizers import gpt2_tokenizer
-    from gptexp.sources import Source
+    from gptexp.weights import Source, quantized
 
     other = tmp_path / "gpt2.int8.safetensors"
     source = Source(gpt2(vocab_size=50257), gpt2_tokenizer(), "a GPT-2")
     source.place("cpu", "fp32", "int8")
-    source.save_quantized(other)
+    quantized.write(source, other)
     arguments = [a.replace("<gpt2 run>", str(other)) for a in arguments]
     status, stderr = in_process("sample", [f"source={STORIES}", *arguments, f"hydra.run.dir={tmp_path / 'run'}"],
                                 monkeypatch, capfd)

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import yaml
 from hydra import compose, initialize_config_dir
+
 from servers import free_port, wait_for_json
-from training import ROOT, column, metrics, train
+from training import ROOT, column, execute, metrics, train
 
 SHORT = ["trainer.max_steps=20", "callbacks.samples.at_steps=[]", "callbacks.samples.after_validation=false"]
 
@@ -33,9 +34,8 @@ def test_a_sweep_is_one_wandb_directory_of_runs_named_and_grouped_by_what_they_v
     assert {run["run_group"] for run in runs} == {str(sweep_dir)} and runs[0]["run_id"] != runs[1]["run_id"]
     assert [run["config"]["update"]["swept"] for run in runs] == [{"optim.lr": "0.001"}, {"optim.lr": "0.003"}]
 
-    result = subprocess.run([sys.executable, "-m", "gptexp", "evaluate", f"source={sweep_dir / '1'}", "checkpoint=last",
-                             f"hydra.run.dir={tmp_path / 'eval'}"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
+    result = execute("-m", "gptexp", "evaluate", f"source={sweep_dir / '1'}", "checkpoint=last",
+                     f"hydra.run.dir={tmp_path / 'eval'}", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     evaluation = wandb_runs(sweep_dir)[-1]
     assert (evaluation["job_type"], evaluation["run_group"]) == ("eval", str(sweep_dir))
@@ -68,8 +68,7 @@ def test_optuna_minimises_the_returned_val_loss_in_a_study_the_same_command_cont
             server.terminate()
             server.wait(timeout=30)
 
-    report = subprocess.run([sys.executable, "analysis/report.py", str(tmp_path)], cwd=ROOT, capture_output=True,
-                            text=True, timeout=300)
+    report = execute("analysis/report.py", str(tmp_path), timeout=300)
     assert report.returncode == 0, report.stderr[-3000:]
     summary = (tmp_path / "report" / "summary.md").read_text()
     assert "optuna_history.png" in summary and "optuna_importance.png" in summary

@@ -1,13 +1,13 @@
-"""Templates (gptexp.finetune.templates): LLaMA-2's chat format is Meta's reference construction token for token,
+"""Templates (gptexp.data.templates): LLaMA-2's chat format is Meta's reference construction token for token,
 the answers and their EOS are what trains, and each template refuses a tokenizer it cannot serve."""
 
 import pytest
 from test_sample import meta_dialog_tokens
 
-from gptexp.config import asset_path
+from gptexp.core.config import asset_path
+from gptexp.data import templates
+from gptexp.data.templates import Conversation, Exchange
 from gptexp.data.tokenizers import CHAR_END, CharTokenizer, gpt2_tokenizer, load_tokenizer
-from gptexp.finetune import templates
-from gptexp.finetune.templates import Conversation, Exchange
 
 LLAMA = load_tokenizer(asset_path("stories260K/tok512.model"))
 DIALOG = [("Tell me a story.", "Once upon a time, there was a cat."), ("  What happened next? ", " It slept. "),

@@ -11,17 +11,17 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
-from servers import free_port, get, wait_for_json
 from test_bad_input import one_line_error, train_in_process
-from training import ROOT, column, metrics, train
+
+from servers import free_port, get, wait_for_json
+from training import column, execute, metrics, train
 
 pytest.importorskip("tensorboard")
 
 
 def test_tensorboard_serves_the_whole_sweep_and_its_evaluation(sweep_dir, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "gptexp", "evaluate", f"source={sweep_dir / '0'}", "checkpoint=last",
-                             "logger=tensorboard", f"hydra.run.dir={tmp_path / 'eval'}"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
+    result = execute("-m", "gptexp", "evaluate", f"source={sweep_dir / '0'}", "checkpoint=last",
+                     "logger=tensorboard", f"hydra.run.dir={tmp_path / 'eval'}", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     perplexity = json.loads((tmp_path / "eval" / "results.json").read_text())["perplexity"]
 
@@ -62,10 +62,9 @@ def test_mlflow_serves_a_parallel_sweep_from_one_sqlite_store(tmp_path):
                    "logger=mlflow", f"logger.mlflow.tracking_uri={store}", run_dir=tmp_path / "sweep", multirun=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Joblib.Parallel(n_jobs=2" in result.stdout + result.stderr  # two jobs writing the store at once
-    evaluation = subprocess.run([sys.executable, "-m", "gptexp", "evaluate", f"source={tmp_path / 'sweep' / '1'}",
-                                 "checkpoint=last", "logger=mlflow", f"logger.mlflow.tracking_uri={store}",
-                                 f"hydra.run.dir={tmp_path / 'eval'}"], cwd=ROOT, capture_output=True, text=True,
-                                timeout=300)
+    evaluation = execute("-m", "gptexp", "evaluate", f"source={tmp_path / 'sweep' / '1'}",
+                         "checkpoint=last", "logger=mlflow", f"logger.mlflow.tracking_uri={store}",
+                         f"hydra.run.dir={tmp_path / 'eval'}", timeout=300)
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
     with sqlite3.connect(tmp_path / "mlflow.db") as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)

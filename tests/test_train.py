@@ -3,6 +3,7 @@
 import math
 
 import pytest
+
 from training import column, metrics, train
 
 

@@ -1,6 +1,6 @@
-"""The commands: thin Hydra apps over the components in the package above them (models, data, module,
-callbacks, finetune, checkpoints, ...). Run one as `python -m gptexp <command> [key=value ...]` (or
-`python -m gptexp.commands.<command>`); `python train.py` is `train`. A command never imports another."""
+"""The commands: thin Hydra apps over the rooms below them (weights, training, eval, inference, data, ...), and
+cli.py, what every command does with bad input and faults. Run one as `python -m gptexp <command> [key=value ...]`
+(or `python -m gptexp.commands.<command>`); `python train.py` is `train`. A command never imports another."""
 
 COMMANDS = {
     "train": "train or finetune a model (also: python train.py)",

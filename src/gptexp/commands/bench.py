@@ -29,16 +29,17 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from gptexp import finetune
-from gptexp.cli import answered_errors, run_command
-from gptexp.config import CONF_DIR, ConfigError
-from gptexp.hardware import MemoryStream, peak_flops
-from gptexp.memory import PeakMemory, resident_bytes
+from gptexp.commands.cli import answered_errors, run_command
+from gptexp.core.config import CONF_DIR, ConfigError
+from gptexp.core.hardware import MemoryStream, peak_flops
+from gptexp.core.memory import PeakMemory, resident_bytes
+from gptexp.inference import quantize as quantization
 from gptexp.models import GPT2, GPT2Config, Llama, LlamaConfig
-from gptexp.models import quantize as quantization
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 IMPLS = ("gptexp", "hf")
+LLAMA_CPP_PEERS = {"int8": "q8_0", "int4": "q4_0"}  # gptexp's weight format -> llama.cpp's of the same bits
 SHOWN = ["kind", "case", "impl", "precision", "batch", "seq_len", "kv_cache", "method", "activation_checkpointing",
          "step_ms", "ms_per_token", "tokens_per_s", "mfu", "stream_gb_s", "bandwidth_bound_tokens_per_s", "of_bound",
          "peak_memory_mb"]
@@ -167,7 +168,7 @@ def _fresh_processes():
     context = multiprocessing.get_context("forkserver")
     # not gptexp.commands.bench itself: each process runs the main module again, and runpy warns about a
     # module it finds imported already
-    context.set_forkserver_preload(["gptexp.models", "gptexp.finetune", "gptexp.memory", "transformers", "peft"])
+    context.set_forkserver_preload(["gptexp.models", "gptexp.finetune", "gptexp.core.memory", "transformers", "peft"])
     return context
 
 
@@ -238,9 +239,13 @@ def bench_finetuning(name: str, case: DictConfig, cfg: DictConfig, device: torch
 def bench_generation(name: str, case: DictConfig, cfg: DictConfig, device: torch.device) -> list[dict]:
     """Greedy decoding in every format: each precision for both implementations (bf16: the float32 weights
     rounded), each of cfg.quantize for gptexp alone (its linear layers quantized, activations in
-    cfg.quantize_precision). Every row's bound is the measured streaming rate over the bytes of weights a step
-    reads (gptexp.models.quantize.read_bytes_per_token), and `of_bound` the share of it reached: the rate is
-    measured after each round of a row's decodes, and the median taken, as the decodes' times are."""
+    cfg.quantize_precision), and beside gptexp's int8 / int4 at batch 1, llama.cpp on the same weights in the GGUF type
+    of as many bits (cfg.llama_cpp: q8_0, q4_0). Every row's bound is the measured streaming rate over the bytes of
+    weights a step reads (gptexp.inference.quantize.read_bytes_per_token; a GGUF file's tensors), and `of_bound` the
+    share of it reached: the rate is measured after each round of a row's decodes, and the median taken, as the
+    decodes' times are."""
+    import tempfile
+
     dims = OmegaConf.to_container(case.model)
     rows = []
     context = case.prompt + case.new_tokens
@@ -249,40 +254,84 @@ def bench_generation(name: str, case: DictConfig, cfg: DictConfig, device: torch
     stream = MemoryStream() if device.type == "cpu" else None
     formats = [(p, DTYPES[p], None) for p in cfg.precision]
     formats += [(scheme, DTYPES[cfg.quantize_precision], scheme) for scheme in cfg.quantize]
+    files = tempfile.TemporaryDirectory()  # the GGUF files llama.cpp reads
     for label, dtype, scheme in formats:
         models = {impl: copy.deepcopy(model).to(dtype) for impl, model in built.items()
                   if scheme is None or impl == "gptexp"}
         if scheme:
             quantization.quantize(models["gptexp"], scheme, cfg.quantize_group_size)
-        read_bytes = quantization.read_bytes_per_token(models.get("gptexp") or models["hf"])
+        read_bytes = {impl: quantization.read_bytes_per_token(models.get("gptexp") or models["hf"]) for impl in models}
+        labels = dict.fromkeys(models, label)
+        peer = LLAMA_CPP_PEERS.get(scheme)
+        if peer in cfg.llama_cpp and device.type == "cpu":
+            found = llama_cpp_model(name, built["gptexp"], peer, Path(files.name), case)
+            if found:
+                models["llama.cpp"], read_bytes["llama.cpp"] = found
+                labels["llama.cpp"] = peer
         for batch, use_cache in itertools.product(case.batch, case.kv_cache):
+            running = {impl: model for impl, model in models.items()
+                       if impl != "llama.cpp" or (batch, use_cache) == (1, True)}
             prompt = torch.randint(0, dims["vocab_size"], (batch, case.prompt), device=device)
-            times, rates = {impl: [] for impl in models}, []
+            times, rates = {impl: [] for impl in running}, []
             for i in range(cfg.warmup + cfg.repeats):
-                for impl, model in models.items():
+                for impl, model in running.items():
                     seconds = decoding_seconds(impl, model, prompt, case.new_tokens, use_cache)
                     if i >= cfg.warmup:
                         times[impl].append(seconds)
                 if i >= cfg.warmup:
                     rates.append(stream(repeats=3) if stream else float("nan"))
             bandwidth = statistics.median(rates)
-            for impl in models:
+            for impl in running:
                 seconds = statistics.median(times[impl])
                 tokens_per_s = batch * case.new_tokens / seconds
-                bound = batch * bandwidth / read_bytes
-                rows.append(dict(kind="generate", case=name, impl=impl, precision=label, batch=batch,
+                bound = batch * bandwidth / read_bytes[impl]
+                rows.append(dict(kind="generate", case=name, impl=impl, precision=labels[impl], batch=batch,
                                  seq_len=context, **dims, kv_cache=use_cache, prompt=case.prompt,
                                  new_tokens=case.new_tokens, tokens_per_s=tokens_per_s,
-                                 ms_per_token=1e3 * seconds / case.new_tokens, weight_mb_per_step=read_bytes / 1e6,
-                                 stream_gb_s=bandwidth / 1e9, bandwidth_bound_tokens_per_s=bound,
-                                 of_bound=tokens_per_s / bound))
-            log.info("%s", ratios_text(rows[-len(models):]))
+                                 ms_per_token=1e3 * seconds / case.new_tokens,
+                                 weight_mb_per_step=read_bytes[impl] / 1e6, stream_gb_s=bandwidth / 1e9,
+                                 bandwidth_bound_tokens_per_s=bound, of_bound=tokens_per_s / bound))
+            log.info("%s", ratios_text(rows[-len(running):]))
         del models
+    files.cleanup()
     return rows
 
 
-def decoding_seconds(impl: str, model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int,
-                     use_cache: bool) -> float:
+def llama_cpp_model(name: str, model: torch.nn.Module, dtype: str, directory: Path, case: DictConfig):
+    """(llama.cpp's model of `model` written as GGUF in `dtype`, the bytes a decoding step reads of it), or None with a
+    line saying why: llama-cpp-python is not installed, or GGUF has no tokenizer for the model (it carries GPT-2's
+    BPE: a 50,257-token GPT-2). llama.cpp runs on torch's number of threads."""
+    from gptexp.data.tokenizers import gpt2_tokenizer
+    from gptexp.weights import gguf
+
+    try:
+        import llama_cpp
+    except ImportError:
+        log.warning("no llama.cpp rows: pip install llama-cpp-python (it builds llama.cpp, minutes)")
+        return None
+    if not isinstance(model, GPT2) or model.config.vocab_size != gpt2_tokenizer().vocab_size:
+        log.warning("no llama.cpp rows for %s: GGUF carries GPT-2's BPE tokenizer, a 50,257-token GPT-2", name)
+        return None
+    path = directory / f"{name}-{dtype}.gguf"
+    gguf.write(model, gpt2_tokenizer(), path, dtype)
+    threads = torch.get_num_threads()
+    llm = llama_cpp.Llama(str(path), n_ctx=case.prompt + case.new_tokens, n_batch=case.prompt, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
+    import gguf as gguf_package
+
+    read_bytes = sum(int(t.n_bytes) for t in gguf_package.GGUFReader(str(path)).tensors
+                     if t.name != "token_embd.weight")  # of the token embedding, one row is read
+    return llm, read_bytes
+
+
+def decoding_seconds(impl: str, model, prompt: torch.Tensor, new_tokens: int, use_cache: bool) -> float:
+    """Seconds to decode `new_tokens` greedy tokens after `prompt` (B, T), its prefill included."""
+    if impl == "llama.cpp":  # one row, with its KV cache
+        start = time.perf_counter()
+        tokens = model.generate(prompt[0].tolist(), top_k=1, temp=0.0, repeat_penalty=1.0, reset=True)
+        for _ in zip(range(new_tokens), tokens):
+            pass
+        return time.perf_counter() - start
     synchronize(prompt.device)
     start = time.perf_counter()
     with torch.inference_mode():
@@ -322,6 +371,13 @@ def ratios(table) -> str:
             share = f" {row.of_bound:.0%} of its bandwidth bound" if row.of_bound == row.of_bound else ""
             if against or share:
                 lines.append(f"{label}: gptexp {row.precision} {row.tokens_per_s:,.0f} tok/s{against}{share}")
+        theirs = group[group["impl"] == "llama.cpp"]
+        llama_cpp = dict(zip(theirs["precision"], theirs["tokens_per_s"]))
+        for row in group[group["impl"] == "gptexp"].itertuples():
+            peer = LLAMA_CPP_PEERS.get(row.precision)
+            if peer in llama_cpp:
+                lines.append(f"{label}: gptexp {row.precision} {row.tokens_per_s:,.1f} tok/s against llama.cpp {peer} "
+                             f"{llama_cpp[peer]:,.1f} tok/s, ratio {row.tokens_per_s / llama_cpp[peer]:.2f}")
     return "\n".join(lines)
 
 
@@ -388,6 +444,13 @@ def check(cfg: DictConfig) -> None:
         cfg.quantize = [cfg.quantize]
     for scheme in cfg.quantize:
         quantization.check(scheme, cfg.quantize_group_size)
+    if isinstance(cfg.llama_cpp, str):
+        cfg.llama_cpp = [cfg.llama_cpp]
+    from gptexp.weights.gguf import DTYPES as GGUF_DTYPES
+
+    unknown = [dtype for dtype in cfg.llama_cpp if dtype not in GGUF_DTYPES]
+    if unknown:
+        raise ConfigError(f"llama_cpp={list(cfg.llama_cpp)}: choose from {', '.join(GGUF_DTYPES)}")
     if cfg.quantize_precision not in DTYPES:
         raise ConfigError(f"quantize_precision={cfg.quantize_precision!r}: choose fp32 or bf16")
     for key, least in (("warmup", 0), ("repeats", 1)):

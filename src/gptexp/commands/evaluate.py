@@ -10,7 +10,7 @@ scores a HellaSwag-format JSON-lines file: acc (the ending with the highest summ
 acc_norm (the highest mean per ending token, as llm.c's hellaswag.py scores it). Results go to results.json
 in the output directory, to stdout and (logger=wandb, the default) to a wandb run of job type eval.
 task=lm_eval runs EleutherAI's harness tasks (tasks=[...], your own with include_path=) on the model, scored as the
-harness's own HF backend scores the same weights (gptexp.lm_eval_adapter); results.json records the settings that
+harness's own HF backend scores the same weights (gptexp.eval.lm_eval_adapter); results.json records the settings that
 change a score (the start-token rule, few-shot counts, limit).
 """
 
@@ -27,15 +27,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from gptexp.cli import answered_errors, run_command
-from gptexp.config import CONF_DIR, ConfigError, build_dataclass
+from gptexp.commands.cli import answered_errors, run_command
+from gptexp.core.config import CONF_DIR, ConfigError, build_dataclass
+from gptexp.core.writing import write_atomically
 from gptexp.data import DATASETS, DataConfig, HFTokens
 from gptexp.data.token_files import encode_documents
-from gptexp.loggers import RunPlace, require, run_place, tensorboard_directory
-from gptexp.models import quantize as quantization
-from gptexp.scoring import ending_logprobs, perplexity, summary
-from gptexp.sources import load_source
-from gptexp.writing import write_atomically
+from gptexp.eval.scoring import ending_logprobs, perplexity, summary
+from gptexp.inference import quantize as quantization
+from gptexp.training.loggers import RunPlace, require, run_place, tensorboard_directory
+from gptexp.weights import load_source
 
 log = logging.getLogger(__name__)
 TASKS = ("perplexity", "multiple_choice", "lm_eval")
@@ -175,14 +175,14 @@ def evaluate_multiple_choice(model, tokenizer, cfg: DictConfig) -> dict:
 
 
 def evaluate_lm_eval(model, tokenizer, cfg: DictConfig) -> dict:
-    """The harness's tasks on the model, through gptexp.lm_eval_adapter; its per-task metrics."""
+    """The harness's tasks on the model, through gptexp.eval.lm_eval_adapter; its per-task metrics."""
     try:
         import lm_eval
         from lm_eval.tasks import TaskManager
     except ImportError as error:
         raise ConfigError('task=lm_eval needs EleutherAI\'s harness: pip install -e ".[eval]"') from error
-    from gptexp.lm_eval_adapter import GptexpLM
-    from gptexp.sources import Source
+    from gptexp.eval.lm_eval_adapter import GptexpLM
+    from gptexp.weights import Source
 
     if cfg.add_bos_token not in (None, True, False):
         raise ConfigError(f"add_bos_token must be null, true or false, got {cfg.add_bos_token!r}")

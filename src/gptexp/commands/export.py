@@ -1,12 +1,12 @@
 """Write a model in another format: python -m gptexp export format=llmc|hf|quantized|gguf source=<...> output=<...>
 
-source: any model gptexp reads (gptexp.sources): a run directory (its last checkpoint, or checkpoint=best), a
+source: any model gptexp reads (gptexp.weights): a run directory (its last checkpoint, or checkpoint=best), a
 .ckpt file (a LoRA run's with its adapter merged in), an HF directory or hub id, or an llm.c .bin. For a GPT-2,
 format=llmc writes llm.c's model file (and with state=<path>, a debug state for a
 batch of random tokens); format=hf writes a directory transformers.GPT2LMHeadModel reads. format=quantized (GPT-2 or
 LLaMA) writes one .safetensors of the model quantized to quantize=int8|int4, with its tokenizer, that every
 command reads as source= without quantizing again. format=gguf (GPT-2 or LLaMA) writes one .gguf file that
-llama.cpp, Ollama and LM Studio run, its 2-D weights in dtype=f32|f16|q8_0|q4_0 (gptexp.models.gguf_files).
+llama.cpp, Ollama and LM Studio run, its 2-D weights in dtype=f32|f16|q8_0|q4_0 (gptexp.weights.gguf).
 """
 
 from __future__ import annotations
@@ -18,17 +18,17 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from gptexp.cli import answered_errors, run_command
-from gptexp.config import CONF_DIR, ConfigError
+from gptexp.commands.cli import answered_errors, run_command
+from gptexp.core.config import CONF_DIR, ConfigError
+from gptexp.core.writing import writing
+from gptexp.inference import quantize as quantization
 from gptexp.models import GPT2
-from gptexp.models import quantize as quantization
-from gptexp.models.llmc import write_model, write_state
-from gptexp.sources import load_source
-from gptexp.writing import writing
+from gptexp.weights import load_source, quantized, save_hf
+from gptexp.weights.llmc import write_model, write_state
 
 
 def load_gpt2(source: str, checkpoint: str = "last", trust: bool = False) -> GPT2:
-    """The GPT-2 `source` names (any format gptexp.sources reads; a LoRA run's adapter merged in)."""
+    """The GPT-2 `source` names (any format gptexp.weights reads; a LoRA run's adapter merged in)."""
     model = load_source(source, checkpoint, trust).model
     if not isinstance(model, GPT2):
         raise ConfigError(f"source={source} holds a {type(model).__name__}; only GPT-2 exports to these formats")
@@ -45,7 +45,7 @@ def export(cfg: DictConfig) -> None:
     model = load_gpt2(str(cfg.source), cfg.checkpoint, cfg.trust_checkpoint)
     if cfg.format == "hf":
         with writing(cfg.output):
-            model.save_pretrained(cfg.output)
+            save_hf(model, cfg.output)
         return print(f"wrote {cfg.output}")
     with writing(cfg.output):
         write_model(model, cfg.output)
@@ -67,12 +67,12 @@ def export_quantized(cfg: DictConfig) -> None:
     source = load_source(str(cfg.source), cfg.checkpoint, cfg.trust_checkpoint)
     source.place("cpu", cfg.precision, cfg.quantize, cfg.quantize_group_size)
     with writing(cfg.output):
-        source.save_quantized(cfg.output)
+        quantized.write(source, cfg.output)
     print(f"wrote {cfg.output} ({cfg.quantize}, {Path(cfg.output).stat().st_size / 1e6:.1f} MB)")
 
 
 def export_gguf(cfg: DictConfig) -> None:
-    from gptexp.models.gguf_files import DTYPES, require_gguf, write_gguf
+    from gptexp.weights.gguf import DTYPES, require_gguf, write
 
     if cfg.dtype not in DTYPES:
         raise ConfigError(f"dtype={cfg.dtype!r}: format=gguf writes {', '.join(DTYPES)}")
@@ -84,7 +84,7 @@ def export_gguf(cfg: DictConfig) -> None:
     partial = output.with_name(f".{output.name}.{os.getpid()}.tmp")  # renamed into place whole: no half a file
     try:
         with writing(output):
-            write_gguf(source.model, source.tokenizer, partial, cfg.dtype)
+            write(source.model, source.tokenizer, partial, cfg.dtype)
             os.replace(partial, output)
     finally:
         partial.unlink(missing_ok=True)

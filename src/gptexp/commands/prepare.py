@@ -15,10 +15,10 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from gptexp import data
-from gptexp.cli import answered_errors, run_command
-from gptexp.config import CONF_DIR
+from gptexp.commands.cli import answered_errors, run_command
+from gptexp.core.config import CONF_DIR
+from gptexp.core.writing import writing
 from gptexp.data.llmc_shards import encode_for_llmc, write_split
-from gptexp.writing import writing
 
 
 def prepare(cfg: DictConfig) -> dict[str, int]:

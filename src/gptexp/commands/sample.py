@@ -5,7 +5,7 @@ samples separated by a line of dashes; stderr gets each sample's prompt tokens, 
 first token and tokens/s. With prompts=<file> every line is a prompt, all decoded as one left-padded batch
 (one batch per prompt length where the longest prompt and max_new_tokens outgrow the context). Every run writes samples.jsonl into its output directory:
 prompt, completion, token counts and what ended each sample. mode=chat talks to a chat model: one turn a line from
-stdin, until an empty line or EOF, in the template the run was trained in (gptexp.finetune.templates), or for other
+stdin, until an empty line or EOF, in the template the run was trained in (gptexp.data.templates), or for other
 sources LLaMA-2's chat template (a LLaMA tokenizer) or plain.
 """
 
@@ -22,15 +22,15 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from gptexp.cli import answered_errors, run_command
-from gptexp.config import CONF_DIR, ConfigError
+from gptexp.commands.cli import answered_errors, run_command
+from gptexp.core.config import CONF_DIR, ConfigError
+from gptexp.core.writing import write_atomically
+from gptexp.data import templates
 from gptexp.data.tokenizers import end_of_text_ids, prompt_ids, tokenizer_state
-from gptexp.finetune import templates
-from gptexp.models import quantize as quantization
-from gptexp.models import speculative
-from gptexp.models.generation import check_sampling, decode
-from gptexp.sources import PRECISIONS, load_source
-from gptexp.writing import write_atomically
+from gptexp.inference import quantize as quantization
+from gptexp.inference import speculative
+from gptexp.inference.generation import check_sampling, decode
+from gptexp.weights import PRECISIONS, load_source
 
 log = logging.getLogger(__name__)
 SEPARATOR = "-" * 40

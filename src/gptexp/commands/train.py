@@ -19,18 +19,21 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, read_write
 
-from gptexp import checkpoints, data, finetune, models, precision, sources
-from gptexp.callbacks.history import RunHistory, carry_over
-from gptexp.callbacks.resume import ResumePoint, ResumeState
-from gptexp.cli import Fault, answered_errors, run_command
-from gptexp.config import CONF_DIR, ConfigError, build_dataclass, plain
+from gptexp import data, finetune
+from gptexp.commands.cli import Fault, answered_errors, run_command
+from gptexp.core.config import CONF_DIR, ConfigError, build_dataclass, plain
+from gptexp.core.run_lock import secondary_rank
+from gptexp.core.safe_load import trusting
+from gptexp.core.writing import WriteError
 from gptexp.data.tokenizers import tokenizer_state
 from gptexp.finetune import objectives
-from gptexp.module import LanguageModelModule
-from gptexp.optim import OptimConfig
-from gptexp.run_lock import secondary_rank
-from gptexp.safe_load import trusting
-from gptexp.writing import WriteError
+from gptexp.training import precision
+from gptexp.training.callbacks.history import RunHistory, carry_over
+from gptexp.training.callbacks.resume import ResumePoint, ResumeState
+from gptexp.training.checkpoint_io import AtomicCheckpointIO
+from gptexp.training.module import LanguageModelModule
+from gptexp.training.optim import OptimConfig
+from gptexp.weights import checkpoints, hf, load_source, pretrained
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +41,7 @@ log = logging.getLogger(__name__)
 def main(cfg: DictConfig) -> float | None:
     """`run`, for the command line: bad input ends the run with one line on stderr (exit status 2), and a
     run directory this run made is removed; a write that fails (a full disk, a vanished directory) ends it
-    with one line naming the file and the last intact checkpoint (exit status 1). See gptexp.cli."""
+    with one line naming the file and the last intact checkpoint (exit status 1). See gptexp.commands.cli."""
     with answered_errors(cfg.output_dir):
         relaunch_as_this_job()
         try:
@@ -93,8 +96,10 @@ def run(cfg: DictConfig) -> float | None:
     resumed = checkpoints.load(ckpt_path, mmap=True) if ckpt_path else {}
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
-    model_tokenizer = "char" if cfg.data.get("tokenizer") == "char" else models.tokenizer_spec(cfg.model)
-    if model_tokenizer == "char" and any(cfg.model.get(key) for key in models.WEIGHTS_KEYS):
+    char = cfg.data.get("tokenizer") == "char"
+    location = None if char else pretrained.weights_location(cfg.model)  # model.pretrained / model.checkpoint
+    model_tokenizer = "char" if char else pretrained.tokenizer(cfg.model, location)
+    if model_tokenizer == "char" and any(cfg.model.get(key) for key in pretrained.WEIGHTS_KEYS):
         raise ConfigError("pretrained weights need the tokenizer they were trained with, not characters; "
                           "use data=shakespeare rather than data=shakespeare_char, and leave model.tokenizer alone")
     start = starting_run(cfg)  # finetune.init_from: an earlier run's model, tokenizer and template
@@ -106,7 +111,7 @@ def run(cfg: DictConfig) -> float | None:
                               f"{start.tokenizer.name}, the data is tokenized with {source.tokenizer.name}; set "
                               f"model=<that run's model> (model.tokenizer) to match")
     else:
-        model = models.build(cfg.model, vocab_size=source.tokenizer.vocab_size)
+        model = pretrained.build(cfg.model, source.tokenizer.vocab_size, location)
     arch = cfg.model.arch if start is None else type(model).__name__.lower()  # gpt2 | llama
     log.info("model: %s, %.2fM parameters; tokenizer %s (%d tokens)", arch, model.num_parameters() / 1e6,
              source.tokenizer.name, source.tokenizer.vocab_size)
@@ -145,7 +150,7 @@ def run(cfg: DictConfig) -> float | None:
     finally:
         finish_wandb(trainer)
     if trainer.is_global_zero:
-        finetune.save(module.model, cfg.output_dir, merged=cfg.finetune.get("save_merged", False))
+        hf.write_lora(module.model, cfg.output_dir, merged=cfg.finetune.get("save_merged", False))
     best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
     if best is None:
         best = trainer.callback_metrics.get("val/loss")
@@ -159,7 +164,7 @@ def starting_run(cfg: DictConfig):
     init_from = cfg.finetune.get("init_from")
     if not init_from:
         return None
-    start = sources.load_source(str(init_from), "best", cfg.trust_checkpoint)
+    start = load_source(str(init_from), "best", cfg.trust_checkpoint, key="finetune.init_from")
     log.info("starting from %s", start.description)
     return start
 
@@ -223,7 +228,7 @@ def build_trainer(cfg: DictConfig, resumed: dict | None = None) -> L.Trainer:
     trainer_args.setdefault("enable_progress_bar", any(isinstance(c, ProgressBar) for c in callbacks))
     try:
         return L.Trainer(**trainer_args, callbacks=callbacks, logger=loggers or False,
-                         default_root_dir=cfg.output_dir, plugins=[checkpoints.AtomicCheckpointIO()])
+                         default_root_dir=cfg.output_dir, plugins=[AtomicCheckpointIO()])
     except TypeError as error:
         raise ConfigError(f"trainer: {error}; trainer.* keys are lightning.Trainer arguments") from error
 

@@ -22,9 +22,9 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from gptexp.cli import answered_errors, run_command
-from gptexp.config import CONF_DIR
-from gptexp.models.llmc import LLMC_TENSORS, llmc_tensors, padded_vocab_of, read_model, read_state
+from gptexp.commands.cli import answered_errors, run_command
+from gptexp.core.config import CONF_DIR
+from gptexp.weights.llmc import LLMC_TENSORS, llmc_tensors, padded_vocab_of, read_model, read_state
 
 
 @dataclass

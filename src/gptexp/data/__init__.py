@@ -7,10 +7,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gptexp.config import ConfigError, build_dataclass
+from gptexp.core.config import ConfigError, build_dataclass
 from gptexp.data import shakespeare, text_file, tinystories
-from gptexp.data.datamodule import DataConfig, DocumentTokens, LlmcShards, TokenDataModule
+from gptexp.data.config import DataConfig
 from gptexp.data.hf import HFTokens
+from gptexp.data.llmc_shards import LlmcShards
+from gptexp.data.token_files import DocumentTokens
 from gptexp.data.tokenizers import CharTokenizer, gpt2_tokenizer, load_tokenizer
 
 # data.loader (or data.name) in conf/data/*.yaml -> function(val_fraction, source[, path]) -> {"train": [documents],
@@ -22,7 +24,7 @@ DATASETS: dict[str, Callable[..., dict[str, list[str]]]] = {
     "text": text_file.load_splits,
 }
 
-__all__ = ["DATASETS", "DataConfig", "DataSource", "HFTokens", "TokenDataModule", "CharTokenizer", "gpt2_tokenizer",
+__all__ = ["DATASETS", "DataConfig", "DataSource", "HFTokens", "CharTokenizer", "gpt2_tokenizer",
            "load", "build"]
 
 
@@ -46,9 +48,9 @@ class DataSource:
         return self.tokens.template.name if self.config.loader == "instruct" else None
 
 
-def load(cfg: Mapping[str, Any], model_tokenizer: str | None, template: str | None = None) -> DataSource:
-    """The dataset a conf/data/*.yaml names, with the tokenizer to use: the model's (`model_tokenizer`:
-    gpt2, a SentencePiece file, or char), or the characters of the text when data.tokenizer=char. `template`:
+def load(cfg: Mapping[str, Any], model_tokenizer: Any, template: str | None = None) -> DataSource:
+    """The dataset a conf/data/*.yaml names, with the tokenizer to use: the model's (`model_tokenizer`: a tokenizer,
+    or gpt2, a SentencePiece file, or char), or the characters of the text when data.tokenizer=char. `template`:
     the one instruction data is written in when a run already has one (data.template otherwise)."""
     config = build_dataclass(DataConfig, cfg, "data")
     loader_name = config.loader or config.name
@@ -93,7 +95,7 @@ def batch_inputs(batch):
     return batch["x"] if isinstance(batch, dict) else batch[0]
 
 
-def _model_tokenizer(spec: str):
+def _model_tokenizer(spec):
     try:
         return load_tokenizer(spec)
     except (ValueError, FileNotFoundError) as error:
@@ -107,8 +109,11 @@ def build(source: DataSource, context_length: int, seed: int = 0):
     if seq_len > context_length:
         raise ConfigError(f"data.seq_len={seq_len} is longer than the model's context ({context_length}); "
                           f"set data.seq_len<={context_length}")
+    # the data modules import Lightning, which only training needs (sample and evaluate start without it)
     if source.kind != "windows":
         from gptexp.data.example_batches import ExampleDataModule
 
         return ExampleDataModule(source.config, source.tokens, seq_len, seed=seed)
+    from gptexp.data.datamodule import TokenDataModule
+
     return TokenDataModule(source.config, source.tokens, source.tokenizer, seq_len, seed=seed)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from gptexp.config import ConfigError
+from gptexp.core.config import ConfigError
 from gptexp.data.instruct import Examples, described
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,5 @@
 """Instruction, chat and preference data (data=instruct and its presets): records become conversations, written
-in a template (gptexp.finetune.templates) as tokens whose answers are marked as the targets.
+in a template (gptexp.data.templates) as tokens whose answers are marked as the targets.
 
 Records, one format per dataset (found from the first record's fields, after data.columns renames them):
 - alpaca: instruction, input (optional), output
@@ -40,11 +40,10 @@ from pathlib import Path
 
 import numpy as np
 
-from gptexp.config import ConfigError
-from gptexp.data import tinystories
+from gptexp.core.config import ConfigError
+from gptexp.data import templates, tinystories
+from gptexp.data.templates import Conversation, Exchange
 from gptexp.data.token_files import save_atomically
-from gptexp.finetune import templates
-from gptexp.finetune.templates import Conversation, Exchange
 
 log = logging.getLogger(__name__)
 

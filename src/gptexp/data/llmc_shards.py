@@ -12,12 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
+from gptexp.core.config import BadInput, ConfigError
+
 HEADER_BYTES = 1024
 FORMATS = {np.dtype("<u2"): (20240520, 1), np.dtype("<u4"): (20240801, 7)}  # token type -> (magic, version)
 SHARD_MAGIC, SHARD_VERSION = FORMATS[np.dtype("<u2")]
 
 
-class ShardError(ValueError):
+class ShardError(BadInput, ValueError):
     """A file that is not an llm.c token shard, or a pattern that matches none."""
 
 
@@ -118,3 +120,27 @@ def read_split(prefix: str | os.PathLike, split: str) -> np.ndarray | ShardedTok
 
 def join_shards(shards: list[np.ndarray]) -> np.ndarray | ShardedTokens:
     return shards[0] if len(shards) == 1 else ShardedTokens(shards)
+
+
+class LlmcShards:
+    """llm.c token shards someone made ({prefix}_train_*.bin, {prefix}_val_*.bin), checked against the tokenizer."""
+
+    def __init__(self, prefix: str, tokenizer):
+        self.prefix, self.tokenizer = prefix, tokenizer
+
+    def prepare(self) -> None:
+        pass
+
+    def load(self) -> dict:
+        try:
+            tokens = {split: read_split(self.prefix, split) for split in ("train", "val")}
+        except ShardError as error:
+            raise ConfigError(f"data.shards: {error}") from error
+        for split, array in tokens.items():
+            # every shard's largest id, one shard at a time (memory-mapped)
+            largest = max(int(s.max()) for s in getattr(array, "shards", [array]) if len(s))
+            if largest >= self.tokenizer.vocab_size:
+                raise ConfigError(f"data.shards: the {split} shards hold token id {largest}, beyond the "
+                                  f"{self.tokenizer.name} tokenizer's {self.tokenizer.vocab_size}: llm.c's shards "
+                                  f"hold GPT-2 tokens, so train a GPT-2 model on them")
+        return tokens

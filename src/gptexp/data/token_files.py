@@ -1,7 +1,9 @@
-"""Token files: tokenize a dataset's splits once into compact .npy arrays, then memory-map them."""
+"""Token files: tokenize a dataset's splits once into compact .npy arrays, then memory-map them; DocumentTokens, the
+tokens of documents held in memory, through them."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -69,3 +71,29 @@ def tokenize_once(directory: Path, splits: dict[str, list[str]], tokenizer) -> d
 def load_tokens(path: Path) -> np.ndarray:
     """Memory-map a token file written by `tokenize_once`."""
     return np.load(path, mmap_mode="r")
+
+
+def fingerprint(splits: dict[str, list[str]]) -> str:
+    """A short hash of the documents per split: token files are cached per (text, tokenizer)."""
+    digest = hashlib.sha1()
+    for split, documents in sorted(splits.items()):
+        digest.update(f"{split}:{len(documents)}".encode())
+        for document in documents:
+            digest.update(document.encode() + b"\0")
+    return digest.hexdigest()[:10]
+
+
+class DocumentTokens:
+    """Documents held in memory (the bundled texts, a local text file), tokenized once into .npy token files
+    cached per (documents, tokenizer)."""
+
+    def __init__(self, config, splits: dict[str, list[str]], tokenizer):
+        self.splits, self.tokenizer = splits, tokenizer
+        self.directory = Path(config.cache_dir).expanduser() / f"{config.name}-{fingerprint(splits)}" / tokenizer.name
+
+    def prepare(self) -> None:
+        tokenize_once(self.directory, self.splits, self.tokenizer)
+
+    def load(self) -> dict:
+        return {split: load_tokens(path) for split, path in tokenize_once(self.directory, self.splits,
+                                                                          self.tokenizer).items()}

@@ -113,8 +113,11 @@ class SentencePieceTokenizer:
         return self.processor.decode(ids)
 
 
-def load_tokenizer(spec: str | os.PathLike):
-    """`gpt2` (the bundled BPE) or the path of a SentencePiece .model file."""
+def load_tokenizer(spec):
+    """`gpt2` (the bundled BPE) or the path of a SentencePiece .model file; a tokenizer already built (the one a
+    model's weights bring) is returned as it is."""
+    if not isinstance(spec, (str, os.PathLike)):
+        return spec
     if str(spec) == "gpt2":
         return gpt2_tokenizer()
     if str(spec).endswith(".model") or Path(spec).is_file():

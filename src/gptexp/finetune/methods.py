@@ -1,26 +1,24 @@
 """Finetuning methods, what trains: `full` (every parameter) and `lora` through peft (base weights frozen,
 only the low-rank adapters train), optionally on a 4-bit quantized base (QLoRA: the base in NF4 through
-bitsandbytes, on CUDA or a CPU; gptexp.models.nf4).
+bitsandbytes, on CUDA or a CPU; gptexp.inference.nf4).
 
-Adapters are saved in peft's format (adapter_config.json + adapter_model.safetensors); since
-gptexp's parameter names are HF's, they load into transformers models with `peft.PeftModel`.
+Adapters are saved in peft's format by gptexp.weights.hf.write_lora; since gptexp's parameter names are HF's, they
+load into transformers models with `peft.PeftModel`.
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from gptexp.config import ConfigError, build_dataclass
-from gptexp.models import LanguageModel, nf4
-from gptexp.writing import writing
+from gptexp.core.config import ConfigError, build_dataclass
+from gptexp.inference import nf4
+from gptexp.models import LanguageModel
 
 log = logging.getLogger(__name__)
 
@@ -88,25 +86,6 @@ def quantize_4bit(model: LanguageModel) -> None:
     """QLoRA's base: every linear layer but the output head in NF4 (bitsandbytes), quantized on the GPU where
     there is one, else on the CPU."""
     nf4.quantize(model, "cuda" if torch.cuda.is_available() else "cpu", "finetune.quantize=4bit", training=True)
-
-
-def save(model: nn.Module, directory: str | Path, merged: bool = False) -> None:
-    """Write a LoRA model's adapter (peft format) to `directory/adapter`, and with `merged` the base
-    with the adapter folded in to `directory/merged` (HF format). A full finetune has nothing to add."""
-    if "peft" not in sys.modules:  # no adapter was made in this process (importing peft costs a second or two)
-        return
-    from peft import PeftModel
-
-    if not isinstance(model, PeftModel):
-        return
-    directory = Path(directory)
-    with writing(directory / "adapter"):
-        model.save_pretrained(directory / "adapter")
-    log.info("LoRA adapter saved to %s", directory / "adapter")
-    if merged:
-        with writing(directory / "merged"):
-            merge(model).save_pretrained(directory / "merged")
-        log.info("merged model saved to %s", directory / "merged")
 
 
 def merge(model: nn.Module) -> LanguageModel:

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gptexp.config import ConfigError
+from gptexp.core.config import ConfigError
 
 
 @dataclass

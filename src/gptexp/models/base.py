@@ -7,10 +7,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from gptexp.models import generation
-from gptexp.models.kv_cache import KVCache, document_mask, document_positions
-from gptexp.models.quantize import QuantizedLinear
-
+from gptexp.inference import generation
+from gptexp.inference.kv_cache import KVCache
+from gptexp.inference.quantize import QuantizedLinear
+from gptexp.models.attention import document_mask, document_positions
 
 LOSS_CHUNK_LOGITS = 2**23  # logits per chunk of head_loss: 32 MB in float32 (GPT-2: 166 rows)
 
@@ -21,12 +21,12 @@ class LanguageModel(nn.Module):
     and returns (None, loss); with `documents` (B, T), several examples packed in a row are computed each as if
     alone (packed_layout).
 
-    Subclasses define `lm_head`, `context_length`, `new_kv_cache`, `flops_per_token`, `from_pretrained` and
-    `tokenizer_for`; generation, the head's output and loss, and activation checkpointing are shared here.
+    Subclasses define `lm_head`, `context_length`, `new_kv_cache` and `flops_per_token`; generation, the head's output
+    and loss, and activation checkpointing are shared here. Architectures never read files: gptexp.weights builds them
+    from their config and loads their tensors.
     """
 
     activation_checkpointing = False  # recompute each block's activations in backward instead of storing them
-    weights_hint = ""  # appended to the error when pretrained weights cannot be found
     lora_targets: tuple[str, ...] = ()  # the linear layers LoRA adapts unless told otherwise
 
     def run_block(self, block: nn.Module, x: torch.Tensor, *args) -> torch.Tensor:
@@ -50,10 +50,8 @@ class LanguageModel(nn.Module):
     def rebuild_buffers(self) -> None:
         """Recompute the buffers the state dict does not hold (a model built on the meta device, then loaded)."""
 
-    @classmethod
-    def tokenizer_for(cls, weights: str) -> str:
-        """The tokenizer that belongs to these weights: a name (gpt2) or a SentencePiece file path."""
-        raise NotImplementedError
+    def tie_weights(self) -> None:
+        """Share the weights the architecture ties again (loading with assign=True replaces a tied tensor)."""
 
     @property
     def context_length(self) -> int:
@@ -68,7 +66,7 @@ class LanguageModel(nn.Module):
         raise NotImplementedError
 
     def fused_decode_step(self, cache: KVCache):
-        """A callable doing `self(idx, cache=cache)[0]` for one new token faster (gptexp.models.fused_step), or
+        """A callable doing `self(idx, cache=cache)[0]` for one new token faster (gptexp.inference.fused_step), or
         None: decoding then runs `forward`. A model offers one by describing its blocks."""
         return None
 

@@ -1,29 +1,23 @@
-"""GPT-2: configuration, model and the Hugging Face checkpoint layout.
+"""GPT-2: configuration and model (pre-LayerNorm blocks, learned positions, tanh GELU, a tied head).
 
-Parameter names follow HF's GPT2LMHeadModel (`transformer.h.N.attn.c_attn.weight`), so HF
-weights load with a plain `load_state_dict` once the Conv1D weights in CONV1D_WEIGHTS are
-transposed. References: OpenAI's GPT-2 release and karpathy/nanoGPT.
+Parameter names follow HF's GPT2LMHeadModel (`transformer.h.N.attn.c_attn.weight`), so HF weights load with a
+plain `load_state_dict` once its Conv1D weights are transposed (gptexp.weights.hf). References: OpenAI's GPT-2
+release and karpathy/nanoGPT.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gptexp.models import fused_step
+from gptexp.inference import fused_step
+from gptexp.inference.kv_cache import KVCache
+from gptexp.models.attention import causal_attention
 from gptexp.models.base import LanguageModel
-from gptexp.models.kv_cache import KVCache, causal_attention
-from gptexp.models.pretrained import load_hf_state_dict, read_json, resolve_pretrained
-
-# HF stores these four as Conv1D weights, shape (in, out); nn.Linear wants (out, in).
-CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 @dataclass
@@ -110,7 +104,7 @@ class GPT2(LanguageModel):
             ln_f=nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied input and output embeddings
+        self.tie_weights()  # one matrix for the input and output embeddings
         self.apply(self._init_weights)
         for name, param in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer)
             if name.endswith("c_proj.weight"):
@@ -173,84 +167,6 @@ class GPT2(LanguageModel):
             cache.length += T
         return self.output(x, targets, return_logits)
 
-    # --- Hugging Face checkpoints ------------------------------------------------------------
-
-    @classmethod
-    def tokenizer_for(cls, weights: str) -> str:
-        return "gpt2"  # every GPT-2 checkpoint uses OpenAI's BPE
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, dropout: float = 0.0) -> GPT2:
-        """Load an HF GPT-2 checkpoint: a local directory (config.json + safetensors or .bin) or a hub id
-        (gpt2, gpt2-medium, gpt2-large, gpt2-xl, or any GPT-2 repository); or llama.cpp's .gguf file, dequantized."""
-        if str(name_or_path).endswith(".gguf"):
-            from gptexp.models.gguf_files import read_model
-
-            return read_model(name_or_path, cls, dropout)
-        directory = resolve_pretrained(name_or_path, allow_patterns=["config.json", "*.safetensors", "*.json"])
-        config = config_from_hf(read_json(directory / "config.json"), dropout=dropout)
-        with torch.device("meta"):
-            model = cls(config)
-        state = state_dict_from_hf(load_hf_state_dict(directory))
-        try:
-            model.load_state_dict(state, strict=True, assign=True)
-        except RuntimeError as error:
-            raise ValueError(f"{directory} does not hold the GPT-2 its config.json describes: {error}") from error
-        model.lm_head.weight = model.transformer.wte.weight  # assign=True replaced the tied tensor
-        return model
-
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write config.json + model.safetensors that transformers.GPT2LMHeadModel.from_pretrained reads."""
-        from safetensors.torch import save_file
-
-        if not self.config.bias:
-            raise ValueError("HF's GPT-2 has biases everywhere; a bias=False model cannot be saved in its format")
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file(state_dict_to_hf(self.state_dict()), directory / "model.safetensors", metadata={"format": "pt"})
-        (directory / "config.json").write_text(json.dumps(config_to_hf(self.config), indent=2))
-
-
-def state_dict_from_hf(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """HF GPT-2 tensors -> gptexp names: add the `transformer.` prefix where a GPT2Model saved them,
-    drop the causal-mask buffers of old checkpoints, transpose Conv1D weights, tie lm_head to wte."""
-    state = {}
-    for key, tensor in hf_state.items():
-        if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
-            continue
-        key = key if key.startswith("transformer.") else "transformer." + key
-        state[key] = tensor.t() if key.endswith(CONV1D_WEIGHTS) else tensor
-    if "transformer.wte.weight" in state:
-        state["lm_head.weight"] = state["transformer.wte.weight"]
-    return state
-
-
-def state_dict_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """gptexp tensors -> GPT2LMHeadModel's names and layout (the tied lm_head is not stored)."""
-    return {key: (tensor.t() if key.endswith(CONV1D_WEIGHTS) else tensor).contiguous()
-            for key, tensor in state.items() if key != "lm_head.weight"}
-
-
-def config_from_hf(hf: dict, dropout: float = 0.0) -> GPT2Config:
-    """Read an HF config.json, refusing variants this model does not implement."""
-    unsupported = {
-        "activation_function": hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"),
-        "layer_norm_epsilon": hf.get("layer_norm_epsilon", 1e-5) != 1e-5,
-        "n_inner": hf.get("n_inner") not in (None, 4 * hf["n_embd"]),
-        "scale_attn_by_inverse_layer_idx": hf.get("scale_attn_by_inverse_layer_idx", False),
-        "tie_word_embeddings": not hf.get("tie_word_embeddings", True),
-    }
-    if any(unsupported.values()):
-        raise ValueError(f"unsupported GPT-2 variant in config.json: {[k for k, v in unsupported.items() if v]}")
-    return GPT2Config(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-                      n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=dropout, bias=True)
-
-
-def config_to_hf(config: GPT2Config) -> dict:
-    hf = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": config.vocab_size,
-          "n_positions": config.block_size, "n_embd": config.n_embd, "n_layer": config.n_layer,
-          "n_head": config.n_head, "n_inner": None, "activation_function": "gelu_new",
-          "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout,
-          "layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "tie_word_embeddings": True}
-    eot = 50256 if config.vocab_size > 50256 else None  # GPT-2's <|endoftext|>, where the vocabulary has it
-    return hf | {"bos_token_id": eot, "eos_token_id": eot}
+    def tie_weights(self) -> None:
+        """Share the token embedding with the head again (loading with assign=True replaces the tied tensor)."""
+        self.lm_head.weight = self.transformer.wte.weight

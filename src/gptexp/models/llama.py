@@ -1,25 +1,23 @@
 """LLaMA-2: configuration and model (RMSNorm, rotary embeddings, SwiGLU, grouped-query attention).
 
 Parameter names follow HF's LlamaForCausalLM (`model.layers.N.self_attn.q_proj.weight`) and the
-rotary embedding uses HF's half-split layout, so HF checkpoints load as they are. Meta's and
-llama2.c's files and their q/k row order are read in llama_checkpoints.py, which returns a config and
-tensors that `Llama.from_pretrained` builds from (one direction of import).
+rotary embedding uses HF's half-split layout, so HF checkpoints load as they are. Meta's and llama2.c's files,
+with their q/k row order, are read in gptexp.weights.meta.
 """
 
 from __future__ import annotations
 
 import math
-import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gptexp.models import fused_step
+from gptexp.inference import fused_step
+from gptexp.inference.kv_cache import KVCache
+from gptexp.models.attention import causal_attention
 from gptexp.models.base import LanguageModel
-from gptexp.models.kv_cache import KVCache, causal_attention
-from gptexp.models.llama_checkpoints import read_llama, tokenizer_file, write_hf
 
 
 def llama_hidden_dim(dim: int, multiple_of: int = 256, ffn_dim_multiplier: float | None = None) -> int:
@@ -153,8 +151,7 @@ class Llama(LanguageModel):
             norm=RMSNorm(config.dim, config.norm_eps),
         ))
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_weights()
         cos, sin = rotary_tables(config)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -213,40 +210,11 @@ class Llama(LanguageModel):
             cache.length += T
         return self.output(x, targets, return_logits)
 
-    # --- checkpoints: llama_checkpoints.py -------------------------------------------------------
-
-    weights_hint = "Or run the bundled pretrained tiny LLaMA: model=llama2_260k."
-
-    @classmethod
-    def from_pretrained(cls, path_or_id: str | os.PathLike) -> Llama:
-        """Load a HF directory or hub id, a Meta directory (params.json + consolidated.*.pth), a llama2.c .bin or
-        llama.cpp's .gguf file (dequantized)."""
-        if str(path_or_id).endswith(".gguf"):
-            from gptexp.models.gguf_files import read_model
-
-            return read_model(path_or_id, cls)
-        fields, state, source = read_llama(path_or_id)
-        config = LlamaConfig(**fields)
-        with torch.device("meta"):
-            model = cls(config)
-        if config.tie_embeddings:
-            state = state | {"lm_head.weight": state["model.embed_tokens.weight"]}
-        try:
-            model.load_state_dict(state, strict=True, assign=True)
-        except RuntimeError as error:
-            raise ValueError(f"{source} does not hold the LLaMA its config describes: {error}") from error
-        if config.tie_embeddings:
-            model.lm_head.weight = model.model.embed_tokens.weight  # assign=True replaced the tied tensor
-        model.rebuild_buffers()
-        return model
-
     def rebuild_buffers(self) -> None:
         self.rope_cos, self.rope_sin = rotary_tables(self.config)
 
-    @classmethod
-    def tokenizer_for(cls, weights: str) -> str:
-        return str(tokenizer_file(weights))
-
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write config.json + model.safetensors that transformers.LlamaForCausalLM.from_pretrained reads."""
-        write_hf(asdict(self.config), self.state_dict(), directory)
+    def tie_weights(self) -> None:
+        """Share the token embedding with the head again where the config ties them (loading with assign=True
+        replaces the tied tensor)."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight

@@ -1,0 +1,54 @@
+"""The key/value cache of incremental decoding: what a model's attention reads back of the positions before."""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, shape (n_layer, B, n_kv_head, max_len, head_dim).
+
+    `length` is the number of positions already stored; the model advances it once per forward,
+    after all its layers have called `update`. A batch of prompts of different lengths is left-padded:
+    `pad` (B,) counts each row's padding, which no real token attends to and which positions skip.
+    """
+
+    def __init__(self, n_layer: int, batch: int, n_kv_head: int, max_len: int, head_dim: int,
+                 *, dtype: torch.dtype, device: torch.device | str, pad: torch.Tensor | None = None):
+        shape = (n_layer, batch, n_kv_head, max_len, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.length = 0
+        self.pad = None if pad is None else pad.to(device)
+        self._mask = None
+
+    def positions(self, T: int) -> torch.Tensor | None:
+        """(B, T) positions of the next T tokens of each row (padding skipped); None without padding."""
+        if self.pad is None:
+            return None
+        steps = torch.arange(self.length, self.length + T, device=self.pad.device)
+        return (steps[None] - self.pad[:, None]).clamp(min=0)
+
+    def attention_mask(self, T: int) -> torch.Tensor | None:
+        """(B, 1, T, length + T) boolean: which stored positions each of the next T queries sees (causal, no
+        padding; a padding query sees itself, so no row is all masked); None without padding. Computed once
+        per forward and shared by its layers."""
+        if self.pad is None:
+            return None
+        if self._mask is None or self._mask[0] != (self.length, T):
+            queries = torch.arange(self.length, self.length + T, device=self.pad.device)[:, None]
+            keys = torch.arange(self.length + T, device=self.pad.device)[None]
+            real = keys[None] >= self.pad[:, None, None]
+            mask = (keys <= queries)[None] & (real | (keys == queries)[None])
+            self._mask = ((self.length, T), mask[:, None])
+        return self._mask[1]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, H, T, D) at positions [length, length + T); return all positions so far."""
+        end = self.length + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; writing up to {end} overflows it")
+        self.keys[layer, :, :, self.length:end] = k
+        self.values[layer, :, :, self.length:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]

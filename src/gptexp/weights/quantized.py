@@ -1,0 +1,81 @@
+"""gptexp's quantized model file (export format=quantized): one .safetensors holding a model's int8 / int4 layers
+as they are (gptexp.inference.quantize's plain layout), its tokenizer and its template, read back without quantizing
+again."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from gptexp.core.config import ConfigError
+from gptexp.core.writing import write_atomically
+from gptexp.data.tokenizers import tokenizer_from_state, tokenizer_state
+from gptexp.weights.source import Source, architecture, assemble
+
+FORMAT = "gptexp-quantized"  # the safetensors metadata's "format" of a saved quantized model
+TOKENIZER_TENSOR = "gptexp.tokenizer_model"  # a SentencePiece model's bytes travel as a tensor
+
+
+def write(source: Source, path: str | Path) -> None:
+    """Write the quantized model of `source`, its tokenizer and template to one safetensors file."""
+    from safetensors.torch import save
+
+    held = getattr(source.model, "quantization", None)
+    if not held:
+        raise ConfigError("the model is not quantized: place it with quantize=int8 or int4 first")
+    tokenizer = tokenizer_state(source.tokenizer)
+    tensors = {k: v.contiguous().cpu() for k, v in source.model.state_dict().items()}
+    if "model" in tokenizer:
+        tensors[TOKENIZER_TENSOR] = torch.frombuffer(bytearray(tokenizer.pop("model")), dtype=torch.uint8)
+    spec = {"class": type(source.model).__name__, "config": asdict(source.model.config)}
+    metadata = {"format": FORMAT, "model": json.dumps(spec), "quantization": json.dumps(held),
+                "tokenizer": json.dumps(tokenizer), "template": json.dumps(source.template),
+                "description": source.description}
+    data = save(tensors, metadata=metadata)
+    write_atomically(Path(path), lambda f: f.write(data))
+
+
+def read(path: Path, overrides: dict | None = None, with_tokenizer: bool = True) -> Source:
+    """The model `write` wrote: its quantized values loaded as they are."""
+    from safetensors.torch import load_file
+
+    metadata = _metadata(path)
+    spec, held = json.loads(metadata["model"]), json.loads(metadata["quantization"])
+    _, config_cls = architecture(spec["class"], path)
+    tensors = load_file(str(path))
+    tokenizer = json.loads(metadata["tokenizer"])
+    if TOKENIZER_TENSOR in tensors:
+        tokenizer["model"] = tensors.pop(TOKENIZER_TENSOR).numpy().tobytes()
+    model = assemble(config_cls(**spec["config"]), tensors, path, quantized=held, overrides=overrides)
+    return Source(model, tokenizer_from_state(tokenizer) if with_tokenizer else None,
+                  f"{metadata['description']}, {held['scheme']} ({path})",
+                  json.loads(metadata["template"]))
+
+
+def tokenizer(path: Path):
+    """The tokenizer a quantized file holds."""
+    from safetensors import safe_open
+
+    state = json.loads(_metadata(path)["tokenizer"])
+    if state.get("kind") == "sentencepiece":
+        with safe_open(str(path), "pt") as f:
+            state["model"] = f.get_tensor(TOKENIZER_TENSOR).numpy().tobytes()
+    return tokenizer_from_state(state)
+
+
+def _metadata(path: Path) -> dict:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+    except SafetensorError as error:
+        raise ConfigError(f"{path} is not a readable safetensors file ({error}); export format=quantized writes "
+                          f"one gptexp reads") from None
+    if metadata.get("format") != FORMAT:
+        raise ConfigError(f"{path} is not a quantized gptexp model (export format=quantized writes one); for an HF "
+                          f"model pass its directory")
+    return metadata

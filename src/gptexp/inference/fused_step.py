@@ -91,14 +91,15 @@ def build(cache: KVCache, architecture: str, blocks: Sequence[Block], *, embeddi
     docstring's conditions fails. GPT-2 passes its `positions` table, LLaMA its `rotary` (cos, sin) tables."""
     if architecture not in ARCHITECTURES:
         raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
-    function = kernels.decode_step()
     linears = [head, *(m for b in blocks for m in (*b.attn_in, b.attn_out, *b.mlp_in, b.mlp_out))]
+    if not all(_readable(m) for m in linears):  # before the library: an unquantized model never builds it
+        return None
+    function = kernels.decode_step()
     tables = (positions, *(rotary or ()), getattr(embedding, "weight", None), getattr(head, "scales", None),
               getattr(head, "zeros", None))
     floats = [cache.keys, cache.values, norm.weight, *(m.weight for b in blocks for m in (b.norm1, b.norm2)),
               *(t for t in tables if t is not None)]
     if (function is None or cache.keys.size(1) != 1 or cache.pad is not None
-            or not all(_readable(m) for m in linears)
             or not all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in floats)
             or not (isinstance(embedding, QuantizedEmbedding) and embedding.head[0] is head
                     or type(embedding) is nn.Embedding)):

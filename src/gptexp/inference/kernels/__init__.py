@@ -21,6 +21,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from functools import cache
 from pathlib import Path
 
@@ -81,6 +82,9 @@ def _build_and_load() -> Path:
     key = hashlib.sha256(text.encode()).hexdigest()[:16]
     name = f"gptexp_cpu_{key}"
     directory = Path(os.environ.get("GPTEXP_CACHE", CACHE_DIR)).expanduser() / "kernels" / name
+    library, start = directory / f"{name}.so", time.perf_counter()
+    if not library.is_file():
+        log.info("building gptexp's CPU kernels for this CPU, once (about 10 s)")
     directory.mkdir(parents=True, exist_ok=True)
     path = os.environ.get("PATH", "")
     os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), path])  # the venv's ninja, if installed
@@ -89,8 +93,8 @@ def _build_and_load() -> Path:
                            build_directory=str(directory), is_python_module=False, verbose=False)
     finally:
         os.environ["PATH"] = path
-    log.info("gptexp's CPU kernels are in %s", directory)
-    return directory / f"{name}.so"
+    log.debug("gptexp's CPU kernels: %s, ready after %.1f s", library, time.perf_counter() - start)
+    return library
 
 
 def _register_fakes(names: frozenset[str]) -> None:

@@ -158,7 +158,7 @@ def test_save_pretrained_loads_in_transformers(pair, tmp_path):
 
 
 @pytest.mark.parametrize("layout", ["safetensors", "bin", "bin-without-prefix"])
-def test_from_pretrained_reads_hf_directories(pair, tmp_path, layout):
+def test_load_model_reads_hf_directories(pair, tmp_path, layout):
     hf, _ = pair
     if layout == "safetensors":
         hf.save_pretrained(tmp_path)

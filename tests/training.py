@@ -12,6 +12,7 @@ import atexit
 import csv
 import multiprocessing
 import os
+import resource
 import runpy
 import signal
 import subprocess
@@ -43,12 +44,12 @@ class Process:
     """`python <arguments>` running in a process of its own, with subprocess.Popen's face: args, pid, poll(), wait(),
     send_signal(), kill(), communicate() -> (stdout, stderr), returncode (negative: killed by that signal)."""
 
-    def __init__(self, arguments: list[str], env: dict, input: str = ""):
+    def __init__(self, arguments: list[str], env: dict, input: str = "", memory_limit: int | None = None):
         self.args = [sys.executable, *arguments]  # as Popen's
         self.output = tempfile.TemporaryDirectory()
         self.paths = [os.path.join(self.output.name, name) for name in ("stdin", "stdout", "stderr")]
         Path(self.paths[0]).write_text(input)
-        self.process = SERVER.Process(target=child_main, args=(arguments, env, *self.paths))
+        self.process = SERVER.Process(target=child_main, args=(arguments, env, *self.paths, memory_limit))
         self.process.start()
         self.pid = self.process.pid
 
@@ -78,9 +79,14 @@ class Process:
         return texts
 
 
-def child_main(arguments: list[str], env: dict, stdin: str, stdout: str, stderr: str) -> None:
+def child_main(arguments: list[str], env: dict, stdin: str, stdout: str, stderr: str,
+               memory_limit: int | None = None) -> None:
     """In the forked process: what `python <arguments>` runs (a script of the repository, or -m <module>), in the
-    repository, with `env`, reading the file `stdin`, its output into the files `stdout` and `stderr`."""
+    repository, with `env`, reading the file `stdin`, its output into the files `stdout` and `stderr`, mapping at most
+    `memory_limit` bytes more than the server had mapped (an allocation beyond it fails instead of swapping)."""
+    if memory_limit:
+        mapped = int(Path("/proc/self/statm").read_text().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        resource.setrlimit(resource.RLIMIT_AS, (mapped + memory_limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
     os.dup2(os.open(stdin, os.O_RDONLY), 0)
     sys.stdin = open(0, closefd=False)  # multiprocessing gave the process /dev/null
     for fd, path in ((1, stdout), (2, stderr)):
@@ -119,15 +125,16 @@ def child_main(arguments: list[str], env: dict, stdin: str, stdout: str, stderr:
     os._exit(status)
 
 
-def start(*arguments: str, env: dict | None = None, input: str = "") -> Process:
+def start(*arguments: str, env: dict | None = None, input: str = "", memory_limit: int | None = None) -> Process:
     """`python <arguments>` started in the repository (warnings off), to be waited for or stopped by the test."""
-    return Process([os.fspath(a) for a in arguments], dict(env or os.environ) | {"PYTHONWARNINGS": "ignore"}, input)
+    return Process([os.fspath(a) for a in arguments], dict(env or os.environ) | {"PYTHONWARNINGS": "ignore"}, input,
+                   memory_limit)
 
 
-def execute(*arguments: str, env: dict | None = None, input: str = "",
-            timeout: float = 600) -> subprocess.CompletedProcess:
+def execute(*arguments: str, env: dict | None = None, input: str = "", timeout: float = 600,
+            memory_limit: int | None = None) -> subprocess.CompletedProcess:
     """`python <arguments>` in the repository, to its end (subprocess.run's result: returncode, stdout, stderr)."""
-    process = start(*arguments, env=env, input=input)
+    process = start(*arguments, env=env, input=input, memory_limit=memory_limit)
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -22,6 +23,7 @@ from gptexp.models.base import LanguageModel
 
 @dataclass
 class GPT2Config:
+    DEPTH: ClassVar[str] = "n_layer"  # the field that counts the blocks (gptexp.weights checks files' claims by it)
     block_size: int = 1024  # context length (HF: n_positions)
     vocab_size: int = 50257
     n_layer: int = 12
@@ -32,8 +34,8 @@ class GPT2Config:
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.n_embd % self.n_head:
             divisors = [h for h in range(1, self.n_head * 2 + 1) if self.n_embd % h == 0]
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "

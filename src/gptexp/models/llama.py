@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -30,6 +31,7 @@ def llama_hidden_dim(dim: int, multiple_of: int = 256, ffn_dim_multiplier: float
 
 @dataclass
 class LlamaConfig:
+    DEPTH: ClassVar[str] = "n_layers"  # the field that counts the blocks (gptexp.weights checks files' claims by it)
     dim: int = 4096
     n_layers: int = 32
     n_heads: int = 32
@@ -45,8 +47,8 @@ class LlamaConfig:
         self.n_kv_heads = self.n_kv_heads or self.n_heads
         self.hidden_dim = self.hidden_dim or llama_hidden_dim(self.dim)
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "max_seq_len"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.dim % self.n_heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
         if self.n_heads % self.n_kv_heads:

@@ -31,26 +31,28 @@ def save_atomically(checkpoint: dict, path: str | os.PathLike) -> None:
     write_atomically(path, lambda f: torch.save(checkpoint, f))
 
 
-def check_readable(path: str | os.PathLike) -> None:
+RESUME_FIX = "resume from an earlier checkpoint (checkpoints/best.ckpt beside it) or leave ckpt_path unset"
+READ_FIX = "use another checkpoint of the run (its best.ckpt or last.ckpt) or another model"  # reading a model
+
+
+def check_readable(path: str | os.PathLike, fix: str = RESUME_FIX) -> None:
     """Fail fast on a truncated or non-checkpoint file: torch's zip archive must have its central
-    directory, which is written last."""
+    directory, which is written last. `fix`: what the message advises (resuming, or reading a model)."""
     try:
         with zipfile.ZipFile(path) as archive:
             archive.namelist()
     except (zipfile.BadZipFile, OSError) as error:
-        raise CheckpointError(f"{path} is truncated or not a checkpoint ({error}); resume from an earlier "
-                              f"checkpoint (checkpoints/best.ckpt beside it) or leave ckpt_path unset") from error
+        raise CheckpointError(f"{path} is truncated or not a checkpoint ({error}); {fix}") from error
 
 
-def load(path: str | os.PathLike, map_location="cpu", mmap: bool = False) -> dict:
+def load(path: str | os.PathLike, map_location="cpu", mmap: bool = False, fix: str = RESUME_FIX) -> dict:
     """A checkpoint written by gptexp, unpickled weights-only: one that asks for any other type raises
     UnsafeFileError naming it (unless the command trusts it: gptexp.core.safe_load.trusting)."""
-    check_readable(path)
+    check_readable(path, fix)
     try:
         return torch_load(path, map_location=map_location, mmap=mmap)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
-        raise CheckpointError(f"{path} is corrupt ({error}); resume from an earlier checkpoint "
-                              f"(checkpoints/best.ckpt beside it) or leave ckpt_path unset") from error
+        raise CheckpointError(f"{path} is corrupt ({error}); {fix}") from error
 
 
 def check_compatible(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: str) -> None:

@@ -29,6 +29,10 @@ from gptexp.weights.meta import half_to_interleaved, interleaved_to_half
 from gptexp.weights.source import Source, assemble
 
 DTYPES = ("f32", "f16", "q8_0", "q4_0")
+NAMES = {"block_size": "context_length", "max_seq_len": "context_length", "n_embd": "embedding_length",
+         "dim": "embedding_length", "hidden_dim": "feed_forward_length", "n_layer": "block_count",
+         "n_layers": "block_count", "n_head": "attention.head_count", "n_heads": "attention.head_count",
+         "n_kv_heads": "attention.head_count_kv"}  # gptexp's config fields as GGUF's metadata keys name them
 INSTALL = 'pip install gguf (or pip install -e ".[gguf]")'
 BLOCK = 32  # weights a q8_0 or q4_0 block holds
 
@@ -266,7 +270,8 @@ def read(path: Path, overrides: dict | None = None, with_tokenizer: bool = True)
     missing = [name for name, tensor in state.items() if tensor is None]
     if missing:
         raise ConfigError(f"{path} lacks tensors a {architecture} model needs: the GGUF names of {missing[:3]}")
-    model = assemble(config, state, f"{path} ({architecture} metadata)", overrides=overrides)
+    names = {field: f"{architecture}.{key}" for field, key in NAMES.items()}
+    model = assemble(config, state, path, overrides=overrides, names=names)
     return Source(model, _tokenizer_from(value, architecture, path) if with_tokenizer else None, f"GGUF {path}")
 
 
@@ -311,7 +316,7 @@ def _gpt2_from(value, tensors: dict, path):
              "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
     state = {"transformer.wte.weight": embedding, "transformer.wpe.weight": tensors.get("position_embd.weight"),
              "transformer.ln_f.weight": tensors.get("output_norm.weight"), "lm_head.weight": embedding}
-    for i in range(config.n_layer):
+    for i in range(_blocks(tensors)):  # those the file holds: check_claims holds its block_count against them
         for ours, theirs in parts.items():
             for kind in ("weight", "bias") if config.bias else ("weight",):
                 state[f"transformer.h.{i}.{ours}.{kind}"] = tensors.get(f"blk.{i}.{theirs}.{kind}")
@@ -334,13 +339,18 @@ def _llama_from(value, tensors: dict, path):
     parts = {"input_layernorm": "attn_norm", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
              "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
              "mlp.down_proj": "ffn_down"}
-    for i in range(config.n_layers):
+    for i in range(_blocks(tensors)):
         for ours, theirs in parts.items():
             state[f"model.layers.{i}.{ours}.weight"] = tensors.get(f"blk.{i}.{theirs}.weight")
         for ours, theirs, count in (("q_proj", "attn_q", config.n_heads), ("k_proj", "attn_k", config.n_kv_heads)):
             weight = tensors.get(f"blk.{i}.{theirs}.weight")
             state[f"model.layers.{i}.self_attn.{ours}.weight"] = None if weight is None else interleaved_to_half(weight, count)
     return config, state
+
+
+def _blocks(tensors: dict) -> int:
+    """How many blocks a GGUF file's tensors hold (blk.0. to blk.N.)."""
+    return 1 + max((int(name.split(".")[1]) for name in tensors if name.startswith("blk.")), default=-1)
 
 
 def _tokenizer_from(value, architecture: str, path):

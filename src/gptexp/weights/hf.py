@@ -31,21 +31,34 @@ log = logging.getLogger(__name__)
 
 # HF stores these four as Conv1D weights, shape (in, out); nn.Linear wants (out, in).
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# gptexp's config fields as config.json names them, for the messages of gptexp.weights.source.check_claims
+GPT2_NAMES = {field: f"config.json's {key}" for field, key in (
+    ("block_size", "n_positions"), ("vocab_size", "vocab_size"), ("n_layer", "n_layer"), ("n_head", "n_head"),
+    ("n_embd", "n_embd"))}
+LLAMA_NAMES = {field: f"config.json's {key}" for field, key in (
+    ("dim", "hidden_size"), ("n_layers", "num_hidden_layers"), ("n_heads", "num_attention_heads"),
+    ("n_kv_heads", "num_key_value_heads"), ("vocab_size", "vocab_size"), ("hidden_dim", "intermediate_size"),
+    ("max_seq_len", "max_position_embeddings"))}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 def read(directory: Path, overrides: dict | None = None, with_tokenizer: bool = True) -> Source:
     """The GPT-2 or LLaMA of an HF directory, with its tokenizer (GPT-2's BPE; a LLaMA's tokenizer.model)."""
     hf = read_json(directory / "config.json")
-    if model_type(hf, directory) == "gpt2":
-        model = assemble(gpt2_config_from_hf(hf), gpt2_state_from_hf(read_state(directory)), directory,
-                         overrides=overrides)
+    kind = model_type(hf, directory)
+    try:
+        config = gpt2_config_from_hf(hf) if kind == "gpt2" else LlamaConfig(**llama_config_from_hf(hf))
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"{directory}/config.json is not a whole {kind} config ({type(error).__name__}: {error}); "
+                         f"write it as transformers does") from None
+    if kind == "gpt2":
+        model = assemble(config, gpt2_state_from_hf(read_state(directory)), directory, overrides=overrides,
+                         names=GPT2_NAMES)
         return Source(model, gpt2_tokenizer() if with_tokenizer else None, f"HF GPT-2 {directory}")
-    config = LlamaConfig(**llama_config_from_hf(hf))
     state = {k: v for k, v in read_state(directory).items() if not k.endswith("rotary_emb.inv_freq")}
     if config.tie_embeddings:
         state.pop("lm_head.weight", None)
-    return Source(assemble(config, state, directory, overrides=overrides),
+    return Source(assemble(config, state, directory, overrides=overrides, names=LLAMA_NAMES),
                   meta.tokenizer(directory) if with_tokenizer else None,
                   f"HF LLaMA {directory}")
 
@@ -109,8 +122,12 @@ def write_lora(model: nn.Module, directory: str | Path, merged: bool = False) ->
 
 
 def read_json(path: Path) -> dict:
+    """A JSON object from `path`; ValueError for anything else (JSONDecodeError is one)."""
     with open(path) as f:
-        return json.load(f)
+        found = json.load(f)
+    if not isinstance(found, dict):
+        raise ValueError(f"{path} holds a JSON {type(found).__name__}, not the object of keys it should")
+    return found
 
 
 def read_state(directory: Path) -> dict[str, torch.Tensor]:

@@ -4,6 +4,7 @@ n_kv_heads, vocab_size (negative: a separate classifier follows) and seq_len, th
 
 from __future__ import annotations
 
+import math
 import struct
 from pathlib import Path
 
@@ -45,13 +46,13 @@ def read(path: Path, overrides: dict | None = None, with_tokenizer: bool = True)
               ("freq_cis_real", (seq_len, half_head)), ("freq_cis_imag", (seq_len, half_head))]
     if not shared:
         layout.append(("lm_head.weight", (vocab_size, dim)))
-    expected = 28 + 4 * sum(int(np.prod(shape)) for _, shape in layout)
+    expected = 28 + 4 * sum(math.prod(shape) for _, shape in layout)
     if len(raw) != expected:
         raise ValueError(f"{path}: the header describes {expected} bytes but the file has {len(raw)} "
                          f"(truncated, or not a llama2.c legacy export)")
     values, offset, state = np.frombuffer(raw, dtype="<f4", offset=28), 0, {}
     for name, shape in layout:
-        size = int(np.prod(shape))
+        size = math.prod(shape)
         tensor = torch.from_numpy(values[offset:offset + size].reshape(shape).copy())
         offset += size
         if name.startswith("freq_cis"):

@@ -10,6 +10,7 @@ Named after llm.c's own writers: write_model, write_state; read_model reads vers
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from gptexp.core.config import BadInput
+from gptexp.core.writing import write_atomically
 from gptexp.data.tokenizers import gpt2_tokenizer
 from gptexp.models import GPT2, GPT2Config
 from gptexp.weights.source import Source, assemble
@@ -114,14 +116,13 @@ def write_state(model: GPT2, x: torch.Tensor, y: torch.Tensor, path: str | os.Pa
 
 
 def _write(path, header: bytes, arrays: list[np.ndarray]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    def write(f) -> None:
         f.write(header)
         for array in arrays:
             f.write(np.ascontiguousarray(array).tobytes())
-    os.replace(tmp, path)
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, write)  # a failed write leaves no half file
 
 
 def _read_header(path: Path, magic: int, versions: tuple[int, ...], what: str) -> np.ndarray:
@@ -141,7 +142,7 @@ def _split(path: Path, raw: bytes, offset: int, layout: dict[str, tuple[tuple[in
            known_mistakes: dict[int, str]) -> dict[str, np.ndarray]:
     """Cut `raw` after `offset` into named arrays. A file of the wrong size is explained by a known
     mistake (its size difference in bytes -> message), else named with the tensor it cuts short."""
-    sizes = {name: int(np.prod(shape)) * np.dtype(dtype).itemsize for name, (shape, dtype) in layout.items()}
+    sizes = {name: math.prod(shape) * np.dtype(dtype).itemsize for name, (shape, dtype) in layout.items()}
     expected = offset + sum(sizes.values())
     if len(raw) != expected and len(raw) - expected in known_mistakes:
         raise LlmcFormatError(f"{path}: {known_mistakes[len(raw) - expected]} (the file has {len(raw)} bytes, "
@@ -151,7 +152,7 @@ def _split(path: Path, raw: bytes, offset: int, layout: dict[str, tuple[tuple[in
         if position + sizes[name] > len(raw):
             raise LlmcFormatError(f"{path}: truncated in tensor {name} (the file has {len(raw)} bytes, "
                                   f"{name} needs bytes {position}..{position + sizes[name]})")
-        out[name] = np.frombuffer(raw, dtype=dtype, count=int(np.prod(shape)), offset=position).reshape(shape)
+        out[name] = np.frombuffer(raw, dtype=dtype, count=math.prod(shape), offset=position).reshape(shape)
         position += sizes[name]
     if position != len(raw):
         raise LlmcFormatError(f"{path}: {len(raw) - position} bytes after the last tensor: the header does not "

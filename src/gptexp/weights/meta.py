@@ -37,19 +37,28 @@ META_NAMES = {
 
 def interleaved_to_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Reorder the rows of a q or k projection from Meta's rotary layout to HF's, head by head."""
-    rows, cols = w.shape
+    rows, cols = _heads(w, n_heads)
     return w.reshape(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
 def half_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """The inverse of interleaved_to_half: HF's rotary layout back to Meta's (llama.cpp's too)."""
-    rows, cols = w.shape
+    rows, cols = _heads(w, n_heads)
     return w.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def _heads(w: torch.Tensor, n_heads: int) -> tuple[int, int]:
+    if w.dim() != 2 or n_heads <= 0 or w.shape[0] % (2 * n_heads):
+        raise ValueError(f"a q or k projection of shape {tuple(w.shape)} is not {n_heads} heads of pairs of rows: "
+                         f"the head count the file records does not fit its tensors")
+    return w.shape
 
 
 def read(directory: Path, overrides: dict | None = None, with_tokenizer: bool = True) -> Source:
     """The LLaMA of a Meta directory, with the tokenizer.model beside it."""
     params = json.loads((directory / "params.json").read_text())
+    if not isinstance(params, dict) or not all(isinstance(params.get(k), int) for k in ("dim", "n_layers", "n_heads")):
+        raise ValueError(f"{directory}/params.json does not hold Meta's params (integers dim, n_layers, n_heads, ...)")
     shards = sorted(directory.glob("consolidated.*.pth"))
     if not shards:
         raise FileNotFoundError(f"{directory} has params.json but no consolidated.*.pth weight files")
@@ -59,6 +68,8 @@ def read(directory: Path, overrides: dict | None = None, with_tokenizer: bool = 
         if key == "rope.freqs":
             continue
         layer = re.match(r"layers\.(\d+)\.(.+)", key)
+        if (layer.group(2) if layer else key) not in META_NAMES:
+            raise ValueError(f"{shards[0]} holds {key}, which is not a tensor of Meta's LLaMA")
         name, dim = META_NAMES[layer.group(2) if layer else key]
         tensors = [p[key] for p in parts]
         state[f"model.layers.{layer.group(1)}.{name}" if layer else name] = (
@@ -70,12 +81,16 @@ def read(directory: Path, overrides: dict | None = None, with_tokenizer: bool = 
             state[key] = interleaved_to_half(state[key], n_heads)
         elif key.endswith("k_proj.weight"):
             state[key] = interleaved_to_half(state[key], n_kv_heads)
-    vocab_size, hidden_dim = state["model.embed_tokens.weight"].shape[0], state["model.layers.0.mlp.gate_proj.weight"].shape[0]
+    vocab_size, hidden_dim = (state[key].shape[0] if key in state else None
+                              for key in ("model.embed_tokens.weight", "model.layers.0.mlp.gate_proj.weight"))
+    if vocab_size is None:
+        raise ValueError(f"{shards[0]} holds no tok_embeddings.weight: not a Meta LLaMA checkpoint")
     config = LlamaConfig(dim=dim, n_layers=params["n_layers"], n_heads=n_heads, n_kv_heads=n_kv_heads,
                          vocab_size=vocab_size, hidden_dim=hidden_dim, norm_eps=params.get("norm_eps", 1e-5),
                          rope_theta=params.get("rope_theta", 10000.0), max_seq_len=params.get("max_seq_len", 4096),
                          tie_embeddings=False)
-    return Source(assemble(config, state, directory, overrides=overrides),
+    names = {field: f"params.json's {field}" for field in ("dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len")}
+    return Source(assemble(config, state, directory, overrides=overrides, names=names),
                   tokenizer(directory) if with_tokenizer else None,
                   f"Meta LLaMA {directory}")
 

@@ -4,6 +4,8 @@ config), a LoRA run's adapter folded into its base, a QLoRA run's NF4 base dequa
 
 from __future__ import annotations
 
+import re
+from dataclasses import fields
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -14,21 +16,33 @@ from gptexp.data.tokenizers import tokenizer_from_state
 from gptexp.inference import nf4
 from gptexp.models import LanguageModel
 from gptexp.weights import checkpoints, pretrained
-from gptexp.weights.source import Source, architecture, configured
+from gptexp.weights.source import Source, architecture, check_claims, configured
 
 
 def read(path: Path, overrides: dict | None = None, with_tokenizer: bool = True) -> Source:
     """The model of a .ckpt file with its tokenizer and template. Its weights load into float32 parameters, whatever
     precision the run trained in."""
-    state = checkpoints.load(path)
+    state = checkpoints.load(path, fix=checkpoints.READ_FIX)
+    if not isinstance(state, dict) or not isinstance(state.get("state_dict"), dict):
+        raise ConfigError(f"{path} is not a training checkpoint (it holds no state_dict); pass a run directory or a "
+                          f".ckpt that train.py wrote")
     if "gptexp_model" not in state:
         raise ConfigError(f"{path} does not record its architecture (written before gptexp stored it)")
     spec = state["gptexp_model"]
-    model_cls, config_cls = architecture(spec["class"], path)
-    model = model_cls(configured(config_cls(**spec["config"]), overrides))
+    if not isinstance(spec, dict) or not isinstance(spec.get("config"), dict):
+        raise ConfigError(f"{path} records its architecture as {spec!r}, not as gptexp writes it ({{class, config}})")
+    model_cls, config_cls = architecture(spec.get("class"), path)
+    try:
+        config = configured(config_cls(**spec["config"]), overrides)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{path} records a {model_cls.__name__} config gptexp cannot build: {error}") from None
     weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")}
     if nf4.is_quantized_state(weights):  # a QLoRA run: its NF4 base, dequantized (the adapter is merged below)
         weights = nf4.dequantized(weights, f"reading {path}, a QLoRA run's checkpoint,")
+    base = {re.sub(r"^base_model\.model\.", "", k).replace(".base_layer.", "."): tuple(v.shape)
+            for k, v in weights.items() if "lora_" not in k}  # a LoRA run's base weights, by the model's names
+    check_claims(config, base, path, {f.name: f"its recorded {f.name}" for f in fields(config)})
+    model = model_cls(config)
     if any("lora_" in k for k in weights):
         model = _with_adapter(model, weights, state.get("gptexp_lora") or _run_lora(path), path)
     else:

@@ -249,13 +249,26 @@ def bad_files(tmp_path: Path) -> dict[str, Path]:
     rows[2] = {"instruction": "Say yes."}
     pairs = [{"prompt": f"Q{i}?", "chosen": "Yes.", "rejected": "No."} for i in range(8)]
     pairs[1]["rejected"] = "Yes."
-    return {"missing": write_jsonl(tmp_path / "missing.jsonl", rows),
+    (tmp_path / "latin.jsonl").write_bytes(b'{"instruction": "Hi.", "output": "Yes."}\n'
+                                           b'{"instruction": "Caf\xe9?", "output": "Yes."}\n')  # Latin-1
+    (tmp_path / "string.jsonl").write_text('{"instruction": "Hi.", "output": "Yes."}\n"hello"\n')
+    (tmp_path / "numbers.json").write_text("[1, 2, 3]")
+    return {"latin": tmp_path / "latin.jsonl", "string": tmp_path / "string.jsonl",
+            "numbers": tmp_path / "numbers.json", "missing": write_jsonl(tmp_path / "missing.jsonl", rows),
             "same": write_jsonl(tmp_path / "same.jsonl", pairs),
             "good": write_jsonl(tmp_path / "good.jsonl", alpaca_rows(8))}
 
 
-# (overrides, what the one line must say); {missing}, {same}, {good}: files bad_files writes
+# (overrides, what the one line must say); {latin}, {string}, ...: the files bad_files writes
+NOT_AN_OBJECT = "a record must be a JSON object with the fields of one format, alpaca (instruction, output), "
 BAD_INPUT = {
+    "records in Latin-1": (["data.files={latin}"], ["latin.jsonl, line 2: not UTF-8 text (byte 0xe9 at offset 61)",
+                                                    "save it as UTF-8, e.g. iconv -f latin1 -t utf-8"]),
+    "a JSON lines record that is a string": (["data.files={string}"],
+                                             ["string.jsonl, line 2: " + NOT_AN_OBJECT, 'found str "hello"']),
+    "a preference record that is a string": (["finetune=dpo", "data.files={string}"],
+                                             ["string.jsonl, line 2: " + NOT_AN_OBJECT, 'found str "hello"']),
+    "a .json list of numbers": (["data.files={numbers}"], ["numbers.json, record 1: " + NOT_AN_OBJECT, "found int 1"]),
     "a record without its format's fields": (["data.files={missing}"],
                                              ["missing.jsonl, line 3: no field 'output', which alpaca records need"]),
     "a preference whose chosen is its rejected": (["finetune=dpo", "data.files={same}"],

@@ -280,6 +280,36 @@ def test_bad_quantize_settings_are_one_line(command, arguments, messages, tmp_pa
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("model", None, "its metadata has no 'model' field"),
+    ("quantization", None, "its metadata has no 'quantization' field"),
+    ("tokenizer", None, "its metadata has no 'tokenizer' field"),
+    ("model", "{Llama", "its metadata's 'model' is not JSON (Expecting property name"),
+    ("model", '"Llama"', "its metadata's 'model' must be a JSON object with class and config, found \"Llama\""),
+    ("tokenizer", "[1]", "its metadata's 'tokenizer' must be a JSON object with kind, found [1]"),
+    ("quantization", '{"scheme": "int3", "group_size": null}', "its metadata's 'quantization' holds "
+                                                                '{"scheme": "int3", "group_size": null}, not a scheme'),
+    ("template", "5", "its metadata's 'template' must be a template's name or null, found 5"),
+])
+def test_a_quantized_file_with_bad_metadata_is_one_line(field, value, message, tmp_path, monkeypatch, capfd):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    source = load_source(STORIES)
+    source.place("cpu", "fp32", "int8")
+    quantized.write(source, tmp_path / "good.safetensors")
+    with safe_open(str(tmp_path / "good.safetensors"), "pt") as f:
+        metadata = f.metadata()
+    metadata = {k: v for k, v in (metadata | {field: value}).items() if v is not None}
+    path = tmp_path / "bad.safetensors"
+    save_file(load_file(str(tmp_path / "good.safetensors")), str(path), metadata=metadata)
+    status, stderr = in_process("sample", [f"source={path}", f"hydra.run.dir={tmp_path / 'run'}"], monkeypatch, capfd)
+    assert status == 2
+    one_line_error(stderr, [f"{path}: {message}", "export the model again with python -m gptexp export "
+                                                  "format=quantized"])
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("width", [192, 172])
 def test_with_gptexp_kernels_0_int8_runs_through_atens_kernel(width, monkeypatch):
     layer = QuantizedLinear.from_linear(nn.Linear(width, 70), "int8").to(torch.bfloat16)

@@ -131,11 +131,15 @@ def test_the_stream_is_whole_characters_while_bytes_arrive():
 
 
 @pytest.mark.parametrize("case", ["a character the vocabulary lacks", "an empty prompts file",
-                                  "chat without an end-of-sequence token"])
+                                  "a prompts file in Latin-1", "chat without an end-of-sequence token"])
 def test_bad_prompts_get_one_line_and_leave_nothing(case, run_dir, tmp_path):
     (tmp_path / "empty.txt").write_text("\n\n")
+    (tmp_path / "latin.txt").write_bytes(b"First\nCaf\xe9\n")
     argument, message = {"a character the vocabulary lacks": ("prompt='café'", "character 'é' is not in this"),
                          "an empty prompts file": (f"prompts={tmp_path / 'empty.txt'}", "holds no prompt"),
+                         "a prompts file in Latin-1": (f"prompts={tmp_path / 'latin.txt'}",
+                                                       "latin.txt, line 2: not UTF-8 text (byte 0xe9 at offset 9); "
+                                                       "save it as UTF-8"),
                          "chat without an end-of-sequence token": (
                              "mode=chat", "template=plain closes every answer with an end-of-sequence token, which the "
                                           "tokenizer char-")}[case]
@@ -144,6 +148,18 @@ def test_bad_prompts_get_one_line_and_leave_nothing(case, run_dir, tmp_path):
     assert result.returncode == 2 and result.stdout == ""
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_of_an_unknown_architecture_gets_one_line(run_dir, tmp_path):
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    state["gptexp_model"]["class"] = "Mamba"
+    torch.save(state, tmp_path / "mamba.ckpt")
+    result = execute("-m", "gptexp", "sample", f"source={tmp_path / 'mamba.ckpt'}", f"hydra.run.dir={tmp_path / 'out'}",
+                     timeout=300)
+    assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {tmp_path / 'mamba.ckpt'} records a model of class 'Mamba'"), line
     assert not (tmp_path / "out").exists()
 
 

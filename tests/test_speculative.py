@@ -176,3 +176,33 @@ def test_bad_drafts_are_one_line(arguments, messages, tmp_path, monkeypatch, cap
     assert status == 2
     one_line_error(stderr, messages)
     assert not (tmp_path / "run").exists()
+
+
+def test_the_models_own_q8_0_gguf_is_taken_as_its_draft(tmp_path, monkeypatch, capfd):
+    """The SentencePiece model rebuilt from the GGUF is other bytes with the same pieces: the same vocabulary."""
+    import runpy
+    import sys
+
+    gguf = tmp_path / "stories.q8_0.gguf"
+    for command, arguments in [("export", ["format=gguf", "dtype=q8_0", f"source={STORIES}", f"output={gguf}"]),
+                               ("sample", [f"source={STORIES}", f"draft={gguf}", "temperature=0", "max_new_tokens=20",
+                                           "prompt=Once upon a time", f"hydra.run.dir={tmp_path / 'run'}"])]:
+        monkeypatch.setattr(sys, "argv", [command, *arguments])
+        runpy.run_module(f"gptexp.commands.{command}", run_name="__main__")
+    stats = capfd.readouterr().err.splitlines()[-1]
+    assert "20 new tokens" in stats and "proposed tokens accepted" in stats, stats
+
+
+@pytest.mark.parametrize("arguments, said", [
+    (["max_new_tokens=0"], "[1 x 5 prompt tokens, 0 new tokens; draft: no tokens proposed]"),
+    (["temperature=1", "max_new_tokens=1"], "; draft: no tokens proposed, 1.00 tokens a forward pass]"),
+])
+def test_a_sample_without_proposals_says_so(arguments, said, tmp_path, monkeypatch, capfd):
+    import runpy
+    import sys
+
+    monkeypatch.setattr(sys, "argv", ["sample", f"source={STORIES}", "draft=ngram", *arguments,
+                                      "prompt=Once upon a time", f"hydra.run.dir={tmp_path / 'run'}"])
+    runpy.run_module("gptexp.commands.sample", run_name="__main__")
+    stats = capfd.readouterr().err.splitlines()[-1]
+    assert stats.endswith(said) and "nan" not in stats and "after -" not in stats, stats

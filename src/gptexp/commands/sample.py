@@ -26,7 +26,8 @@ from gptexp.commands.cli import answered_errors, run_command
 from gptexp.core.config import CONF_DIR, ConfigError
 from gptexp.core.writing import write_atomically
 from gptexp.data import templates
-from gptexp.data.tokenizers import end_of_text_ids, prompt_ids, tokenizer_state
+from gptexp.data.text_file import read_utf8
+from gptexp.data.tokenizers import end_of_text_ids, prompt_ids, vocabulary
 from gptexp.inference import quantize as quantization
 from gptexp.inference import speculative
 from gptexp.inference.generation import check_sampling, decode
@@ -77,7 +78,7 @@ def read_prompts(cfg: DictConfig) -> list[str]:
         path = Path(str(cfg.prompts)).expanduser()
         if not path.is_file():
             raise ConfigError(f"prompts={cfg.prompts} is not a file; pass a text file with one prompt a line")
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = [line for line in read_utf8(path).splitlines() if line.strip()]
         if not lines:
             raise ConfigError(f"prompts={cfg.prompts} holds no prompt (every line is empty)")
         return lines
@@ -86,7 +87,7 @@ def read_prompts(cfg: DictConfig) -> list[str]:
         path = Path(prompt.removeprefix("FILE:")).expanduser()
         if not path.is_file():
             raise ConfigError(f"prompt={prompt}: {path} is not a file")
-        return [path.read_text(encoding="utf-8")]
+        return [read_utf8(path)]
     return [prompt]
 
 
@@ -167,12 +168,12 @@ def sample_batch(model, tokenizer, batch: list[Completion], prompts: list[list[i
         sys.stdout.flush()
     seconds = time.perf_counter() - start
     new_tokens = sum(len(c.ids) for c in batch)
-    to_first = f"{1e3 * (first - start):.0f} ms" if first else "-"
+    timing = (f", first token after {1e3 * (first - start):.0f} ms, {new_tokens / seconds:.1f} tokens/s"
+              if new_tokens else "")  # no token, no time to it nor rate
     lengths = sorted({len(p) for p in prompts})
     shape = f"{lengths[0]}" if len(lengths) == 1 else f"{lengths[0]}-{lengths[-1]}"
-    print(f"[{len(batch)} x {shape} prompt tokens, {new_tokens} new tokens, first token after {to_first}, "
-          f"{new_tokens / seconds:.1f} tokens/s{f'; draft: {stats}' if proposer else ''}]", file=sys.stderr,
-          flush=True)
+    print(f"[{len(batch)} x {shape} prompt tokens, {new_tokens} new tokens{timing}"
+          f"{f'; draft: {stats}' if proposer else ''}]", file=sys.stderr, flush=True)
 
 
 def chat(model, tokenizer, template: templates.Template, cfg: DictConfig, generator: torch.Generator,
@@ -268,7 +269,7 @@ def make_proposer(cfg: DictConfig, draft, tokenizer, device: str) -> speculative
         return None
     if draft is None:
         return speculative.NgramProposer(cfg.ngram_size, cfg.draft_tokens)
-    if tokenizer_state(draft.tokenizer) != tokenizer_state(tokenizer):
+    if vocabulary(draft.tokenizer) != vocabulary(tokenizer):
         raise ConfigError(f"draft={cfg.draft}: its tokenizer ({draft.tokenizer.name}, {draft.tokenizer.vocab_size} "
                           f"tokens) differs from the model's ({tokenizer.name}, {tokenizer.vocab_size}); a draft must "
                           f"share the model's tokenizer, or use draft=ngram")

@@ -43,6 +43,7 @@ import numpy as np
 from gptexp.core.config import ConfigError
 from gptexp.data import templates, tinystories
 from gptexp.data.templates import Conversation, Exchange
+from gptexp.data.text_file import read_utf8
 from gptexp.data.token_files import save_atomically
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,8 @@ log = logging.getLogger(__name__)
 FORMATS = {"alpaca": ("instruction", "output"), "completion": ("prompt", "completion"), "messages": ("messages",),
            "sharegpt": ("conversations",), "preference": ("prompt", "chosen", "rejected")}
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
+FORMAT_FIELDS = ("alpaca (instruction, output), completion (prompt, completion), messages, conversations (ShareGPT) "
+                 "or preference (prompt, chosen, rejected)")
 READERS = (".json", ".jsonl", ".parquet")
 STORY_REQUEST = "Write a story that uses the words: {}."
 
@@ -71,22 +74,44 @@ class Pair:
 
 def read_file(path: Path) -> list[tuple[str, dict]]:
     """(where, record) of each record of a .json (a list), .jsonl or .parquet file; `where` names the line or row."""
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+    records = parquet_rows(path) if path.suffix == ".parquet" else json_rows(path)
+    for where, record in records:
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: a record must be a JSON object with the fields of one format, "
+                            f"{FORMAT_FIELDS}; found {type(record).__name__} {json.dumps(record)[:40]}")
+    return records
 
-        return [(f"{path}, row {i + 1}", row) for i, row in enumerate(pq.read_table(path).to_pylist())]
-    text = path.read_text(encoding="utf-8")
+
+def parquet_rows(path: Path) -> list[tuple[str, dict]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except pa.ArrowException as error:
+        raise DataError(f"{path} is not a readable Parquet file ({error}); give .parquet files that pyarrow reads, "
+                        f"or .json / .jsonl ones") from None
+    return [(f"{path}, row {i + 1}", row) for i, row in enumerate(rows)]
+
+
+def json_rows(path: Path) -> list[tuple[str, object]]:
+    """The values of a UTF-8 .json list, else of each line (JSON lines), whatever their shape."""
+    text = read_utf8(path)
     if path.suffix == ".json" and text.lstrip().startswith("["):
-        rows = json.loads(text)
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}, line {error.lineno}: not JSON ({error.msg}); a .json file holds one list of "
+                            f"records") from None
         return [(f"{path}, record {i + 1}", row) for i, row in enumerate(rows)]
-    records = []
+    rows = []
     for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                records.append((f"{path}, line {number}", json.loads(line)))
+                rows.append((f"{path}, line {number}", json.loads(line)))
             except json.JSONDecodeError as error:
                 raise DataError(f"{path}, line {number}: not a JSON record ({error})") from None
-    return records
+    return rows
 
 
 def read_files(pattern: str, key: str) -> list[tuple[str, dict]]:
@@ -156,9 +181,8 @@ def detect_format(records: list[tuple[str, dict]], asked: str) -> str:
     for name in ("preference", "messages", "sharegpt", "alpaca", "completion"):
         if all(field in first for field in FORMATS[name]):
             return name
-    raise DataError(f"{where}: fields {sorted(first)} fit no format: alpaca (instruction, output), completion "
-                    f"(prompt, completion), messages, conversations (ShareGPT) or preference (prompt, chosen, "
-                    f"rejected); rename yours with data.columns={{yours: ours}}")
+    raise DataError(f"{where}: fields {sorted(first)} fit no format: {FORMAT_FIELDS}; rename yours with "
+                    f"data.columns={{yours: ours}}")
 
 
 def text_field(record: dict, field: str, where: str, optional: bool = False) -> str | None:
@@ -354,8 +378,6 @@ class InstructExamples:
         return self.kind == "preference"
 
     def parse(self, where: str, record: dict):
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: a record must be an object of fields, found {type(record).__name__}")
         if self.kind == "preference":
             missing = [f for f in FORMATS["preference"][1:] if f not in record]
         else:

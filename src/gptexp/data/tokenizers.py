@@ -149,6 +149,16 @@ def tokenizer_from_state(state: dict):
     raise ValueError(f"unknown recorded tokenizer kind {kind!r}")
 
 
+def vocabulary(tokenizer):
+    """What the tokenizer's ids stand for, to tell whether two tokenizers share their ids: a SentencePiece model's
+    pieces and special ids (the same whether read from its file or rebuilt from a GGUF, whose bytes differ), else
+    its recorded state."""
+    if isinstance(tokenizer, SentencePieceTokenizer):
+        pieces = [tokenizer.processor.id_to_piece(i) for i in range(tokenizer.vocab_size)]
+        return pieces, tokenizer.bos_id, tokenizer.eos_id
+    return tokenizer_state(tokenizer)
+
+
 def end_of_text_ids(tokenizer) -> set[int]:
     """The tokens that end a sample: GPT-2's <|endoftext|>; SentencePiece's EOS, and its BOS, which starts the
     next document (llama2.c's models and gptexp's own training put it between documents); none for characters."""

@@ -41,8 +41,11 @@ class SpeculationStats:
         return self.tokens / self.forwards if self.forwards else float("nan")
 
     def __str__(self) -> str:
-        return (f"{self.acceptance:.0%} of {self.proposed} proposed tokens accepted, "
-                f"{self.tokens_per_forward:.2f} tokens a forward pass")
+        """The rates that have something to count: nothing proposed (prompt lookup found no match, no room for a
+        proposal) says so, and no forward pass (no token asked for) leaves the tokens a pass out."""
+        kept = (f"{self.acceptance:.0%} of {self.proposed} proposed tokens accepted" if self.proposed
+                else "no tokens proposed")
+        return kept + (f", {self.tokens_per_forward:.2f} tokens a forward pass" if self.forwards else "")
 
 
 class Proposer:

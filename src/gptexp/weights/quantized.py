@@ -13,10 +13,14 @@ import torch
 from gptexp.core.config import ConfigError
 from gptexp.core.writing import write_atomically
 from gptexp.data.tokenizers import tokenizer_from_state, tokenizer_state
+from gptexp.inference.quantize import GROUP_SIZES, SCHEMES
 from gptexp.weights.source import Source, architecture, assemble
 
 FORMAT = "gptexp-quantized"  # the safetensors metadata's "format" of a saved quantized model
 TOKENIZER_TENSOR = "gptexp.tokenizer_model"  # a SentencePiece model's bytes travel as a tensor
+OBJECTS = {"model": {"class": str, "config": dict}, "quantization": {"scheme": str, "group_size": (int, type(None))},
+           "tokenizer": {"kind": str}}  # the metadata's JSON objects: the fields read from each, and their types
+REEXPORT = "export the model again with python -m gptexp export format=quantized"
 
 
 def write(source: Source, path: str | Path) -> None:
@@ -43,23 +47,21 @@ def read(path: Path, overrides: dict | None = None, with_tokenizer: bool = True)
     from safetensors.torch import load_file
 
     metadata = _metadata(path)
-    spec, held = json.loads(metadata["model"]), json.loads(metadata["quantization"])
+    spec, held, tokenizer = metadata["model"], metadata["quantization"], metadata["tokenizer"]
     _, config_cls = architecture(spec["class"], path)
     tensors = load_file(str(path))
-    tokenizer = json.loads(metadata["tokenizer"])
     if TOKENIZER_TENSOR in tensors:
         tokenizer["model"] = tensors.pop(TOKENIZER_TENSOR).numpy().tobytes()
     model = assemble(config_cls(**spec["config"]), tensors, path, quantized=held, overrides=overrides)
     return Source(model, tokenizer_from_state(tokenizer) if with_tokenizer else None,
-                  f"{metadata['description']}, {held['scheme']} ({path})",
-                  json.loads(metadata["template"]))
+                  f"{metadata['description']}, {held['scheme']} ({path})", metadata["template"])
 
 
 def tokenizer(path: Path):
     """The tokenizer a quantized file holds."""
     from safetensors import safe_open
 
-    state = json.loads(_metadata(path)["tokenizer"])
+    state = _metadata(path)["tokenizer"]
     if state.get("kind") == "sentencepiece":
         with safe_open(str(path), "pt") as f:
             state["model"] = f.get_tensor(TOKENIZER_TENSOR).numpy().tobytes()
@@ -67,6 +69,8 @@ def tokenizer(path: Path):
 
 
 def _metadata(path: Path) -> dict:
+    """The metadata `write` wrote, its JSON fields decoded: ConfigError naming the file and the field where one is
+    missing or holds something else."""
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -78,4 +82,28 @@ def _metadata(path: Path) -> dict:
     if metadata.get("format") != FORMAT:
         raise ConfigError(f"{path} is not a quantized gptexp model (export format=quantized writes one); for an HF "
                           f"model pass its directory")
-    return metadata
+    fields = {name: _json_field(metadata, name, path) for name in (*OBJECTS, "template")}
+    for name, keys in OBJECTS.items():
+        value = fields[name]
+        if not (isinstance(value, dict) and all(isinstance(value.get(k), kinds) for k, kinds in keys.items())):
+            raise ConfigError(f"{path}: its metadata's {name!r} must be a JSON object with {' and '.join(keys)}, "
+                              f"found {metadata[name][:80]}; {REEXPORT}")
+    held = fields["quantization"]
+    if held["scheme"] not in SCHEMES or held["group_size"] not in (None, *GROUP_SIZES):
+        raise ConfigError(f"{path}: its metadata's 'quantization' holds {metadata['quantization'][:80]}, not a scheme "
+                          f"of {', '.join(SCHEMES)} with groups of {', '.join(map(str, GROUP_SIZES))} or null; "
+                          f"{REEXPORT}")
+    if not isinstance(fields["template"], (str, type(None))):
+        raise ConfigError(f"{path}: its metadata's 'template' must be a template's name or null, found "
+                          f"{metadata['template'][:80]}; {REEXPORT}")
+    return fields | {"description": metadata.get("description", path.name)}
+
+
+def _json_field(metadata: dict, name: str, path: Path):
+    """The JSON value of the metadata's field `name`."""
+    if name not in metadata:
+        raise ConfigError(f"{path}: its metadata has no {name!r} field; {REEXPORT}")
+    try:
+        return json.loads(metadata[name])
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path}: its metadata's {name!r} is not JSON ({error}); {REEXPORT}") from None

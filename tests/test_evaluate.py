@@ -116,13 +116,22 @@ def test_multiple_choice_scores_sum_and_mean_log_probabilities(tmp_path):
     assert results["acc_norm"] >= 2 / 3  # the model knows its stories
 
 
-@pytest.mark.parametrize("case", ["malformed line", "label out of range", "no examples file", "unknown task",
+@pytest.mark.parametrize("case", ["malformed line", "examples in Latin-1", "a line that is a string",
+                                  "label out of range", "no examples file", "unknown task",
                                   "stride as long as the window"])
 def test_bad_input_gets_one_line(case, tmp_path):
-    (tmp_path / "mc.jsonl").write_text('{"ctx": "a", "endings": ["b", "c"], "label": 0}\n{"ctx": "a", "endings"\n')
+    good = '{"ctx": "a", "endings": ["b", "c"], "label": 0}\n'
+    (tmp_path / "mc.jsonl").write_text(good + '{"ctx": "a", "endings"\n')
+    (tmp_path / "latin.jsonl").write_bytes(good.encode() + b'{"ctx": "caf\xe9", "endings": ["b", "c"], "label": 0}\n')
+    (tmp_path / "string.jsonl").write_text(good + '"hello"\n')
     (tmp_path / "label.jsonl").write_text('{"ctx": "a", "endings": ["b", "c"], "label": 2}\n')
     arguments, message = {
         "malformed line": (["task=multiple_choice", f"examples={tmp_path / 'mc.jsonl'}"], "mc.jsonl, line 2: not an example"),
+        "examples in Latin-1": (["task=multiple_choice", f"examples={tmp_path / 'latin.jsonl'}"],
+                                "latin.jsonl, line 2: not UTF-8 text (byte 0xe9 at offset 60); save it as UTF-8"),
+        "a line that is a string": (["task=multiple_choice", f"examples={tmp_path / 'string.jsonl'}"],
+                                    'string.jsonl, line 2: not an example {"ctx": text, "endings": [two or more '
+                                    'texts], "label": the right ending\'s index}; found "hello"'),
         "label out of range": (["task=multiple_choice", f"examples={tmp_path / 'label.jsonl'}"],
                                "label.jsonl, line 1: needs two or more endings and a label indexing them"),
         "no examples file": (["task=multiple_choice"], "task=multiple_choice needs examples=<JSON-lines file>"),

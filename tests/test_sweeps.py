@@ -1,4 +1,5 @@
-"""Sweeps: the basic launcher (conftest's sweep_dir), joblib's parallel jobs, Optuna, and SLURM by composition."""
+"""Sweeps: the basic launcher (conftest's sweep_dir), joblib's parallel jobs, Optuna (and its study file, refused in
+one line when it is not a database), and SLURM by composition."""
 
 import json
 import shutil
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import yaml
 from hydra import compose, initialize_config_dir
+from test_bad_input import one_line_error
 
 from servers import free_port, wait_for_json
 from training import ROOT, column, execute, metrics, train
@@ -73,6 +75,18 @@ def test_optuna_minimises_the_returned_val_loss_in_a_study_the_same_command_cont
     summary = (tmp_path / "report" / "summary.md").read_text()
     assert "optuna_history.png" in summary and "optuna_importance.png" in summary
     assert (tmp_path / "report" / "optuna_history.png").stat().st_size > 10_000
+
+
+def test_optuna_refuses_a_corrupt_study_file_in_one_line_and_leaves_it(tmp_path):
+    study = tmp_path / "optuna.db"
+    study.write_bytes(b"not a database\n" * 100)
+    result = train("hparams_search=optuna", "hydra.sweeper.n_trials=1", "logger=csv", *SHORT, run_dir=tmp_path,
+                   multirun=True)
+    assert result.returncode == 2
+    one_line_error(result.stderr, [f"hydra.sweeper.storage=sqlite:///{study}: cannot open the study: {study} is not a "
+                                   f"SQLite database (file is not a database); it is left as it is: move it away to "
+                                   f"start a new study, or keep the study elsewhere with hydra.sweeper.storage="])
+    assert list(tmp_path.iterdir()) == [study] and study.read_bytes() == b"not a database\n" * 100
 
 
 def test_slurm_launcher_composes():

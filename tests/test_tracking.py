@@ -1,18 +1,21 @@
 """Browsing runs without an account: TensorBoard over a sweep's one TensorBoard directory, and `mlflow server` over
 the SQLite store a parallel sweep's jobs wrote at once, each started on 127.0.0.1, serve every job (named by its
 swept value), its metrics as metrics.csv holds them, its samples, its hyperparameters, and the evaluation of a job
-beside it. A tracking package that is missing, or an MLflow store that cannot be written, is one line."""
+beside it. A tracking package that is missing, or an MLflow store or TensorBoard folder that cannot be used, is one
+line, before any work."""
 
 import json
 import sqlite3
 import subprocess
 import sys
+import time
 import urllib.parse
 from pathlib import Path
 
 import pytest
-from test_bad_input import one_line_error, train_in_process
+from test_bad_input import in_process, one_line_error, train_in_process
 
+from gptexp.core.config import asset_path
 from servers import free_port, get, wait_for_json
 from training import column, execute, metrics, train
 
@@ -114,6 +117,47 @@ def test_a_logger_that_cannot_work_is_one_line(overrides, message, tmp_path, mon
     assert status == 2
     one_line_error(stderr, [message])
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("store, reason", [("a directory", "{path} is a directory"),
+                                           ("a corrupt file", "{path} is not a SQLite database (file is not a database)")])
+def test_an_mlflow_store_that_cannot_be_used_is_refused_at_once_and_left_alone(store, reason, tmp_path, monkeypatch,
+                                                                                capfd):
+    """Checked before MLflow sees it (which retries an unusable store for minutes): one line, no lock file beside it."""
+    path = tmp_path / "mlflow.db"
+    if store == "a directory":
+        path.mkdir()
+    else:
+        path.write_bytes(b"not a database\n" * 100)
+    started = time.monotonic()
+    status, stderr = train_in_process("logger=mlflow", f"logger.mlflow.tracking_uri=sqlite:///{path}",
+                                      f"hydra.run.dir={tmp_path / 'run'}", monkeypatch=monkeypatch, capfd=capfd)
+    assert status == 2 and time.monotonic() - started < 60
+    one_line_error(stderr, [f"logger.mlflow.tracking_uri=sqlite:///{path}: cannot write the MLflow store: "
+                            f"{reason.format(path=path)}; choose another path"])
+    assert [p.name for p in tmp_path.iterdir()] == ["mlflow.db"]  # no .lock, no run directory
+    assert path.is_dir() if store == "a directory" else path.read_bytes() == b"not a database\n" * 100
+
+
+@pytest.mark.parametrize("logger, message", [
+    ("wandb", "logger=wandb: cannot write {run}/wandb: {run}/wandb is a file, not a directory; make it writable, or "
+              "evaluate without it (logger=none)"),
+    ("tensorboard", "logger=tensorboard: cannot write {run}/tensorboard/eval: {run}/tensorboard is a file, not a "
+                    "directory; make it writable, or evaluate without it (logger=none)"),
+    ("mlflow", "logger.mlflow.tracking_uri=sqlite:///{run}/tensorboard/mlflow.db: cannot write the MLflow store: "
+               "{run}/tensorboard is a file, not a directory; choose another path"),
+])
+def test_evaluate_checks_where_its_loggers_write_before_the_work(logger, message, tmp_path, monkeypatch, capfd):
+    run = tmp_path / "eval"
+    run.mkdir()
+    for folder in ("wandb", "tensorboard"):
+        (run / folder).write_text("")  # a file where a folder must go
+    store = [f"logger.mlflow.tracking_uri=sqlite:///{run}/tensorboard/mlflow.db"] if logger == "mlflow" else []
+    status, stderr = in_process("evaluate", [f"source={asset_path('stories260K/stories260K.bin')}", f"logger={logger}",
+                                             *store, f"hydra.run.dir={run}"], monkeypatch, capfd)
+    assert status == 2
+    one_line_error(stderr, [message.format(run=run)])
+    assert not (run / "results.json").exists()
 
 
 def test_a_tracking_package_that_is_not_installed_is_one_line(tmp_path, monkeypatch, capfd):

@@ -9,6 +9,9 @@ from pathlib import Path
 
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 
+from gptexp.core.config import ConfigError
+from gptexp.core.stores import sqlite_path, sqlite_problem
+
 log = logging.getLogger(__name__)
 
 
@@ -22,6 +25,17 @@ def open_storage(storage):
     if isinstance(storage, str) and "://" in storage:
         return optuna.storages.RDBStorage(storage, engine_kwargs={"isolation_level": "AUTOCOMMIT"})
     return storage
+
+
+def check_storage(storage) -> None:
+    """ConfigError naming the study's SQLite file, which is left as it is, and what to do, when it cannot be a
+    writable SQLite database (gptexp.core.stores): Optuna would stop with SQLAlchemy's traceback."""
+    path = sqlite_path(storage) if isinstance(storage, str) else None
+    reason = path and sqlite_problem(path)
+    if reason:
+        raise ConfigError(f"hydra.sweeper.storage={storage}: cannot open the study: {reason}; it is left as it is: "
+                          f"move it away to start a new study, or keep the study elsewhere with "
+                          f"hydra.sweeper.storage=sqlite:///<path>")
 
 
 def finished_trials(storage, study_name: str | None) -> int:
@@ -42,6 +56,7 @@ class ResumableOptunaSweeper(OptunaSweeper):
 
     def sweep(self, arguments: list[str]) -> None:
         impl = self.sweeper
+        check_storage(impl.storage)
         Path(impl.config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
         url, impl.storage = impl.storage, open_storage(impl.storage)
         impl.job_idx = finished_trials(impl.storage, impl.study_name)

@@ -99,14 +99,15 @@ def answered_errors(output_dir: str | os.PathLike | None = None) -> Iterator[Non
 
 def run_command(app: Callable[[], object]) -> None:
     """Call a @hydra.main app with Hydra's own errors (an unknown option, a bad override) answered in one
-    line with exit status 2, instead of Hydra's several lines and status 1, and Ctrl-C in one line too."""
+    line with exit status 2, instead of Hydra's several lines and status 1, and so bad input found outside the task
+    (by a sweeper, before its jobs), and Ctrl-C in one line too."""
     if os.environ.get("HYDRA_FULL_ERROR") and not os.environ.get(OUR_FULL_ERROR):
         app()  # the user asked for full tracebacks
         return
     os.environ["HYDRA_FULL_ERROR"] = os.environ[OUR_FULL_ERROR] = "1"  # Hydra then raises instead of printing
     try:
         app()
-    except (HydraException, OmegaConfBaseException) as error:
+    except (BadInput, HydraException, OmegaConfBaseException) as error:
         fail(one_line(error), 2)
     except KeyboardInterrupt:  # Ctrl-C outside the Trainer (which stops itself cleanly): one line, the shell's 130
         fail("interrupted (Ctrl-C); what was written before stays, nothing is half-written", 130)

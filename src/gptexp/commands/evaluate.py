@@ -29,16 +29,20 @@ from tqdm import tqdm
 
 from gptexp.commands.cli import answered_errors, run_command
 from gptexp.core.config import CONF_DIR, ConfigError, build_dataclass
-from gptexp.core.writing import write_atomically
+from gptexp.core.writing import write_atomically, writing
 from gptexp.data import DATASETS, DataConfig, HFTokens
+from gptexp.data.text_file import read_utf8
 from gptexp.data.token_files import encode_documents
 from gptexp.eval.scoring import ending_logprobs, perplexity, summary
 from gptexp.inference import quantize as quantization
-from gptexp.training.loggers import RunPlace, require, run_place, tensorboard_directory
+from gptexp.training.loggers import (RunPlace, quiet_event_writers, require, run_place, sqlite_file,
+                                     tensorboard_directory, writable_folder)
 from gptexp.weights import load_source
 
 log = logging.getLogger(__name__)
 TASKS = ("perplexity", "multiple_choice", "lm_eval")
+WITHOUT = "evaluate without it (logger=none)"  # what to do when a logger cannot write where it would
+EXAMPLE = '{"ctx": text, "endings": [two or more texts], "label": the right ending\'s index}'
 
 
 def documents(cfg: DictConfig) -> tuple[list[str], str]:
@@ -132,29 +136,35 @@ def evaluate_perplexity(model, tokenizer, cfg: DictConfig) -> dict:
 
 def read_examples(cfg: DictConfig) -> list[dict]:
     if cfg.examples is None:
-        raise ConfigError("task=multiple_choice needs examples=<JSON-lines file>, one "
-                          '{"ctx": ..., "endings": [...], "label": N} a line')
+        raise ConfigError(f"task=multiple_choice needs examples=<JSON-lines file>, one {EXAMPLE} a line")
     path = Path(str(cfg.examples)).expanduser()
     if not path.is_file():
         raise ConfigError(f"examples={cfg.examples} is not a file")
     examples = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            example = json.loads(line)
-            ctx, endings, label = example["ctx"], example["endings"], int(example["label"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-            raise ConfigError(f"{path}, line {number}: not an example {{\"ctx\", \"endings\", \"label\"}} "
-                              f"({type(error).__name__}: {error})") from error
-        if not isinstance(endings, list) or len(endings) < 2 or not 0 <= label < len(endings):
-            raise ConfigError(f"{path}, line {number}: needs two or more endings and a label indexing them")
-        examples.append({"ctx": ctx, "endings": endings, "label": label})
+    for number, line in enumerate(read_utf8(path).splitlines(), 1):
+        if line.strip():
+            examples.append(read_example(line, f"{path}, line {number}"))
         if cfg.limit and len(examples) == cfg.limit:
             break
     if not examples:
         raise ConfigError(f"examples={cfg.examples} holds no example")
     return examples
+
+
+def read_example(line: str, where: str) -> dict:
+    """A multiple-choice example from its JSON line: a context, two or more endings and the right one's index."""
+    try:
+        example = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{where}: not an example {EXAMPLE} (not JSON: {error})") from None
+    if not (isinstance(example, dict) and isinstance(example.get("ctx"), str)
+            and isinstance(example.get("endings"), list) and all(isinstance(e, str) for e in example["endings"])
+            and str(example.get("label")).isdigit()):
+        raise ConfigError(f"{where}: not an example {EXAMPLE}; found {json.dumps(example)[:60]}")
+    endings, label = example["endings"], int(example["label"])
+    if len(endings) < 2 or label >= len(endings):
+        raise ConfigError(f"{where}: needs two or more endings and a label indexing them")
+    return {"ctx": example["ctx"], "endings": endings, "label": label}
 
 
 def evaluate_multiple_choice(model, tokenizer, cfg: DictConfig) -> dict:
@@ -215,6 +225,9 @@ def evaluate(cfg: DictConfig) -> dict:
     if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
         raise ConfigError(f"batch_size must be an integer >= 1, got {cfg.batch_size!r}")
     quantization.check(cfg.quantize, cfg.quantize_group_size, quantization.LOADING_SCHEMES)
+    loggers = cfg.get("logger") or {}
+    place = training_run_place(Path(str(cfg.source)))  # the evaluation of a training run joins it
+    check_loggers(cfg, place)
     source = load_source(str(cfg.source), cfg.checkpoint, cfg.trust_checkpoint)
     source.place(cfg.device, cfg.precision, cfg.quantize, cfg.quantize_group_size)
     model = source.model
@@ -229,14 +242,23 @@ def evaluate(cfg: DictConfig) -> dict:
                "quantize": held and held["scheme"], "quantize_group_size": held and held["group_size"], **results}
     text = json.dumps(results, indent=2) + "\n"
     write_atomically(Path(cfg.output_dir) / "results.json", lambda f: f.write(text.encode()))
-    loggers = cfg.get("logger") or {}
-    place = training_run_place(Path(str(cfg.source)))  # the evaluation of a training run joins it
     for name, log_results in (("wandb", log_to_wandb), ("tensorboard", log_to_tensorboard),
                               ("mlflow", log_to_mlflow)):
         if loggers.get(name):
             log_results(cfg, results, place)
     print(text, end="")
     return results
+
+
+def check_loggers(cfg: DictConfig, place: RunPlace | None) -> None:
+    """ConfigError, before the work, when a logger cfg.logger names cannot write where it would."""
+    loggers = cfg.get("logger") or {}
+    if loggers.get("wandb"):
+        writable_folder(Path(place.directory if place else cfg.output_dir) / "wandb", "logger=wandb", WITHOUT)
+    if loggers.get("tensorboard"):
+        tensorboard_folder(cfg, place)
+    if loggers.get("mlflow"):
+        sqlite_file(cfg.logger.mlflow.tracking_uri)
 
 
 def log_to_wandb(cfg: DictConfig, results: dict, place: RunPlace | None) -> None:
@@ -254,14 +276,22 @@ def log_to_wandb(cfg: DictConfig, results: dict, place: RunPlace | None) -> None
 def log_to_tensorboard(cfg: DictConfig, results: dict, place: RunPlace | None) -> None:
     """The results as TensorBoard scalars and a text, in the run `eval` beside the training run's events (the
     evaluation's own directory for a source that is not a run)."""
-    require("tensorboard", "logger=tensorboard")
     from torch.utils.tensorboard import SummaryWriter
 
-    root, run = tensorboard_directory(place or RunPlace(cfg.output_dir, cfg.output_dir))
-    with SummaryWriter(str(Path(root) / run / "eval")) as writer:
+    folder = tensorboard_folder(cfg, place)
+    quiet_event_writers()
+    with writing(folder), SummaryWriter(str(folder)) as writer:
         for key, value in numbers(results).items():
             writer.add_scalar(key, value, 0)
         writer.add_text("eval", f"```json\n{json.dumps(results, indent=2)}\n```")
+
+
+def tensorboard_folder(cfg: DictConfig, place: RunPlace | None) -> Path:
+    """Where the results go as TensorBoard events: the run `eval` beside the training run's events (the evaluation's
+    own directory for a source that is not a run); ConfigError when it cannot be made and written."""
+    require("tensorboard", "logger=tensorboard")
+    root, run = tensorboard_directory(place or RunPlace(cfg.output_dir, cfg.output_dir))
+    return writable_folder(Path(root) / run / "eval", "logger=tensorboard", WITHOUT)
 
 
 def log_to_mlflow(cfg: DictConfig, results: dict, place: RunPlace | None) -> None:

@@ -11,20 +11,21 @@ llama.cpp, Ollama and LM Studio run, its 2-D weights in dtype=f32|f16|q8_0|q4_0 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from gptexp.commands.cli import answered_errors, run_command
 from gptexp.core.config import CONF_DIR, ConfigError
-from gptexp.core.writing import writing
+from gptexp.core.writing import replacing, writing
 from gptexp.inference import quantize as quantization
 from gptexp.models import GPT2
 from gptexp.weights import load_source, quantized, save_hf
 from gptexp.weights.llmc import write_model, write_state
+
+SUFFIXES = {"llmc": ".bin", "quantized": ".safetensors", "gguf": ".gguf"}  # of the one file each format writes
 
 
 def load_gpt2(source: str, checkpoint: str = "last", trust: bool = False) -> GPT2:
@@ -35,9 +36,26 @@ def load_gpt2(source: str, checkpoint: str = "last", trust: bool = False) -> GPT
     return model.float().eval()
 
 
+def check_outputs(cfg: DictConfig) -> None:
+    """ConfigError, before any work, for a path the format cannot write: a directory where a file goes, a file
+    where format=hf's directory goes. A missing output= is left to be reported where it is read, after source=."""
+    if OmegaConf.is_missing(cfg, "output"):
+        return
+    if cfg.format == "hf":
+        if Path(str(cfg.output)).is_file():
+            raise ConfigError(f"output={cfg.output} is a file; format=hf writes a directory: name a new one")
+        return
+    for key, example in (("output", f"model{SUFFIXES[cfg.format]}"), ("state", "state.bin")):
+        value = cfg[key] if key == "output" or cfg.format == "llmc" else None
+        if value and Path(str(value)).is_dir():
+            raise ConfigError(f"{key}={value} is a directory; format={cfg.format} writes one file: name it, e.g. "
+                              f"{key}={Path(str(value)) / example}")
+
+
 def export(cfg: DictConfig) -> None:
     if cfg.format not in ("llmc", "hf", "quantized", "gguf"):
         raise ConfigError(f"format={cfg.format!r}: choose llmc, hf, quantized or gguf")
+    check_outputs(cfg)
     if cfg.format == "quantized":
         return export_quantized(cfg)
     if cfg.format == "gguf":
@@ -81,13 +99,8 @@ def export_gguf(cfg: DictConfig) -> None:
         raise ConfigError(f"output={output}: a GGUF model is one .gguf file; name it <name>.gguf")
     require_gguf()  # before the source loads
     source = load_source(str(cfg.source), cfg.checkpoint, cfg.trust_checkpoint)
-    partial = output.with_name(f".{output.name}.{os.getpid()}.tmp")  # renamed into place whole: no half a file
-    try:
-        with writing(output):
-            write(source.model, source.tokenizer, partial, cfg.dtype)
-            os.replace(partial, output)
-    finally:
-        partial.unlink(missing_ok=True)
+    with replacing(output) as partial:  # renamed into place whole: no half a file
+        write(source.model, source.tokenizer, partial, cfg.dtype)
     print(f"wrote {output} ({cfg.dtype}, {output.stat().st_size / 1e6:.1f} MB)")
 
 

@@ -7,10 +7,11 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from gptexp.core.writing import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -34,16 +35,9 @@ def encode_documents(documents: list[str], tokenizer) -> np.ndarray:
 
 
 def save_atomically(path: Path, array: np.ndarray) -> None:
-    """np.save to a temporary file beside `path`, then rename: readers never see a partial file."""
+    """np.save into `path` atomically (write_atomically): readers never see a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_atomically(path, lambda f: np.save(f, array))
 
 
 def tokenize_once(directory: Path, splits: dict[str, list[str]], tokenizer) -> dict[str, Path]:

@@ -25,11 +25,15 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from gptexp.core.config import ConfigError
+from gptexp.core.hydra_callbacks import unwritable_reason
+from gptexp.core.stores import sqlite_path, sqlite_problem
 from gptexp.core.writing import WriteError, replace_atomically, writing
 
 log = logging.getLogger(__name__)
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 DEFAULT_WANDB_URL = "https://api.wandb.ai"
+# where a run whose logger cannot write its folder may log instead
+ELSEWHERE = "run in another directory (hydra.run.dir=, hydra.sweep.dir= for a sweep) or without it (logger=csv)"
 
 
 def read_metrics(path: str | os.PathLike) -> tuple[list[str], list[dict[str, str]]]:
@@ -271,6 +275,7 @@ def wandb_logger(save_dir: str, project: str = "gptexp", mode: str = "auto", gro
             kwargs["config"] = {"swept": place.swept} | kwargs.get("config", {})
         else:
             group = place.group
+    writable_folder(Path(save_dir) / "wandb", "logger.wandb", ELSEWHERE)
     os.makedirs(save_dir, exist_ok=True)
     return ResilientWandbLogger(project=project, save_dir=save_dir, offline=mode == "offline", mode=mode,
                                 group=group, name=name, offline_because=offline_because, **kwargs)
@@ -291,6 +296,14 @@ def require(module: str, option: str) -> None:
         raise ConfigError(f"{option} needs {module}: pip install {module} (or pip install -e \".[tracking]\")")
 
 
+def writable_folder(folder: Path, key: str, fix: str) -> Path:
+    """`folder`, where the logger `key` writes; ConfigError naming it and `fix` when it cannot be made and written,
+    checked before the work (TensorBoard would fail at its first write, in a thread of its own)."""
+    if reason := unwritable_reason(folder):
+        raise ConfigError(f"{key}: cannot write {folder}: {reason}; make it writable, or {fix}")
+    return folder
+
+
 def tensorboard_directory(place: RunPlace) -> tuple[str, str]:
     """(root, run): a run's TensorBoard events go to root/run. A sweep's jobs share the root
     `<sweep>/tensorboard`, each in a folder named by its swept values; a single run's root is
@@ -300,49 +313,89 @@ def tensorboard_directory(place: RunPlace) -> tuple[str, str]:
 
 class HParamsTensorBoardLogger(TensorBoardLogger):
     """Lightning's TensorBoardLogger, whose hyperparameters also reach TensorBoard's HParams tab, beside each run's
-    metrics, without the placeholder `hp_metric` scalar Lightning writes for that."""
+    metrics, without the placeholder `hp_metric` scalar Lightning writes for that; a failed write raises WriteError
+    (TensorBoard's writer thread, which met it first, keeps quiet: `quiet_event_writers`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        quiet_event_writers()
 
     @rank_zero_only
     def log_hyperparams(self, params, metrics=None) -> None:
-        super().log_hyperparams(params, metrics)
-        if metrics is None:
-            from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
-            from torch.utils.tensorboard.summary import hparams
+        with writing(self.log_dir):
+            super().log_hyperparams(params, metrics)
+            if metrics is None:
+                from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
+                from torch.utils.tensorboard.summary import hparams
 
-            flat = self._sanitize_params(_flatten_dict(_convert_params(params)))
-            _, session_start, session_end = hparams(flat, {})
-            writer = self.experiment._get_file_writer()
-            # the sessions alone: TensorBoard builds the experiment from every run's (what differs, the scalars)
-            writer.add_summary(session_start)
-            writer.add_summary(session_end)
+                flat = self._sanitize_params(_flatten_dict(_convert_params(params)))
+                _, session_start, session_end = hparams(flat, {})
+                writer = self.experiment._get_file_writer()
+                # the sessions alone: TensorBoard builds the experiment from every run's (what differs, the scalars)
+                writer.add_summary(session_start)
+                writer.add_summary(session_end)
+
+    @rank_zero_only
+    def log_metrics(self, metrics, step=None) -> None:
+        with writing(self.log_dir):
+            super().log_metrics(metrics, step)
+
+    @rank_zero_only
+    def save(self) -> None:
+        with writing(self.log_dir):
+            super().save()
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        try:
+            with writing(self.log_dir):
+                super().finalize(status)
+        except WriteError:
+            if status != "failed":  # else the run's own error is the one to report
+                raise
+
+
+def quiet_event_writers() -> None:
+    """Keep TensorBoard's writer threads from printing a traceback when a write fails: such a thread stops, and the
+    next write of the main thread raises the same error, which the command reports in one line."""
+    from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
+
+    previous = threading.excepthook
+    if getattr(previous, "quiet_event_writers", False):
+        return
+
+    def hook(args) -> None:
+        if not (isinstance(args.thread, _AsyncWriterThread) and isinstance(args.exc_value, OSError)):
+            previous(args)
+
+    hook.quiet_event_writers = True
+    threading.excepthook = hook
 
 
 def tensorboard_logger(save_dir: str, **kwargs) -> TensorBoardLogger:
-    """A TensorBoardLogger where `tensorboard_directory` says (`tensorboard --logdir <that root>`)."""
+    """A TensorBoardLogger where `tensorboard_directory` says (`tensorboard --logdir <that root>`), its folder checked
+    (`writable_folder`)."""
     require("tensorboard", "logger=tensorboard")
     root, run = tensorboard_directory(current_place(save_dir))
+    writable_folder(Path(root) / run, "logger.tensorboard", ELSEWHERE)
     return HParamsTensorBoardLogger(save_dir=root, name="", version=run, default_hp_metric=False, **kwargs)
 
 
 def sqlite_file(tracking_uri: str) -> Path:
-    """The database file of an MLflow `sqlite:///<path>` store; ConfigError for any other store, or for a file
-    whose directory cannot be made and written."""
-    from gptexp.core.hydra_callbacks import unwritable_reason
-
-    if not tracking_uri.startswith("sqlite:///"):
+    """The database file of an MLflow `sqlite:///<path>` store, its directory made; ConfigError for any other store,
+    or for a file that cannot be a writable SQLite database (gptexp.core.stores), which is left as it is."""
+    path = sqlite_path(tracking_uri)
+    if path is None:
         raise ConfigError(f"logger.mlflow.tracking_uri={tracking_uri}: gptexp keeps MLflow runs in SQLite, "
                           f"sqlite:///<path to a .db file> (MLflow 3.13 and later refuse the old file store)")
-    path = Path(tracking_uri.removeprefix("sqlite:///")).expanduser()
-    reason = unwritable_reason(path.parent)
+    reason = sqlite_problem(path)
     if reason is None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             reason = f"{error.strerror}: {error.filename}"
-    if reason is None and path.exists() and not os.access(path, os.W_OK):
-        reason = f"{path} is not writable"
     if reason:
-        raise ConfigError(f"logger.mlflow.tracking_uri={tracking_uri}: cannot write the MLflow store ({reason}); "
+        raise ConfigError(f"logger.mlflow.tracking_uri={tracking_uri}: cannot write the MLflow store: {reason}; "
                           f"choose another path")
     return path
 
@@ -376,13 +429,21 @@ def mlflow_logger(tracking_uri: str, save_dir: str, experiment_name: str | None 
     place = current_place(save_dir)
     experiment = experiment_name or place.experiment
     artifacts = (path.parent / "mlflow-artifacts").absolute().as_uri()
-    with open(path.with_name(path.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        from mlflow.tracking import MlflowClient
+    lock_file = path.with_name(path.name + ".lock")
+    made = not lock_file.exists()
+    try:
+        with open(lock_file, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(tracking_uri)  # makes the database's tables the first time
-        if client.get_experiment_by_name(experiment) is None:
-            client.create_experiment(experiment, artifact_location=artifacts)
+            client = MlflowClient(tracking_uri)  # makes the database's tables the first time
+            if client.get_experiment_by_name(experiment) is None:
+                client.create_experiment(experiment, artifact_location=artifacts)
+    except BaseException:  # a store MLflow refuses: leave nothing of this run beside it
+        if made:
+            with suppress(OSError):
+                lock_file.unlink()
+        raise
     tags = {"gptexp.run_dir": str(save_dir), **{f"swept.{k}": v for k, v in place.swept.items()}, **(tags or {})}
     return ContinuingMLFlowLogger(experiment_name=experiment,
                                   run_name=run_name or place.label,

@@ -11,11 +11,18 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
-import figures
-import pandas as pd
-from runs import Run, differing_keys, evaluations, load
+from gptexp.core.interrupt import INTERRUPTED, MESSAGE
+
+try:  # Ctrl-C while pandas and plotnine import: one line, exit status 130
+    import figures
+    import pandas as pd
+    from runs import Run, differing_keys, evaluations, load
+except KeyboardInterrupt:
+    print(MESSAGE, file=sys.stderr)
+    raise SystemExit(INTERRUPTED) from None
 
 
 def last(run: Run, column: str) -> float:
@@ -112,6 +119,8 @@ def main() -> None:
                        f"a sweep directory (multirun/<date>/<time>) or a wandb offline-run-* folder\n")
     try:
         print(report(args.path, args.wandb, args.out, args.evaluations))
+    except KeyboardInterrupt:
+        parser.exit(130, "error: interrupted (Ctrl-C); the report is incomplete\n")
     except (FileNotFoundError, NotADirectoryError, PermissionError, pd.errors.EmptyDataError, pd.errors.ParserError,
             KeyError) as error:
         parser.exit(2, f"error: {error}\n")

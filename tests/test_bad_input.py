@@ -5,8 +5,10 @@ before."""
 import hashlib
 import os
 import runpy
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -225,6 +227,25 @@ def test_every_command_refuses_bad_input_cleanly(case, tmp_path, monkeypatch, ca
     assert list(tmp_path.iterdir()) == []  # no output directory, no partial file
 
 
+@pytest.mark.parametrize("command, arguments, fix", [
+    ("sample", ["source={junk}"], "use another checkpoint of the run (its best.ckpt or last.ckpt) or another model"),
+    ("train.py", [*TINY, "finetune=full", "finetune.init_from={junk}"], "use another checkpoint of the run"),
+    ("train.py", [*TINY, "ckpt_path={junk}"], "resume from an earlier checkpoint (checkpoints/best.ckpt beside it) or "
+                                              "leave ckpt_path unset"),
+])
+def test_a_ckpt_that_is_not_one_gets_the_fix_of_the_option_that_named_it(command, arguments, fix, tmp_path,
+                                                                         monkeypatch, capfd):
+    """Only train.py has ckpt_path: a model to read (source=, finetune.init_from=) is not told to unset it."""
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"not a zip archive")
+    arguments = [a.format(junk=junk) for a in arguments] + [f"hydra.run.dir={tmp_path / 'run'}"]
+    status, stderr = in_process(command, arguments, monkeypatch, capfd)
+    assert status == 2
+    one_line_error(stderr, [f"{junk} is truncated or not a checkpoint (File is not a zip file); {fix}"])
+    assert ("ckpt_path" in stderr) == ("ckpt_path" in fix)
+    assert not (tmp_path / "run").exists()
+
+
 REPORT_CASES = {
     "no path": ([], ["the following arguments are required: path"]),
     "missing directory": (["/no/such/run"], ["/no/such/run is not a directory; pass a run directory"]),
@@ -257,6 +278,20 @@ def test_commands_answer_in_one_line_from_the_command_line(command, tmp_path):
     assert result.returncode == 2
     one_line_error(result.stderr, ["seed must be an integer" if command[0] == "train.py" else "does not exist"])
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", [["train.py"], ["-m", "gptexp", "sample", "source=x"],
+                                     ["-m", "gptexp.commands.evaluate"], ["analysis/report.py", "."]])
+def test_ctrl_c_while_a_command_starts_is_one_line(command):
+    """Ctrl-C half a second in, while torch and Lightning (or pandas and plotnine) still import: one line, the
+    shell's 130, nothing written."""
+    process = subprocess.Popen([sys.executable, *command], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert stderr.strip() == "error: interrupted (Ctrl-C) while starting; nothing was written"
 
 
 def test_an_unknown_command_is_named_with_the_choices(tmp_path):

@@ -131,3 +131,22 @@ def test_dpo_starts_at_ln2_from_an_instruction_run_and_logs_its_rewards(method, 
     trained = [r for r in rows(tmp_path / "dpo") if r.get("train/rewards/accuracies")]
     assert trained and all(r["train/rewards/chosen"] and r["train/rewards/margins"] for r in trained)
     assert (tmp_path / "dpo" / "adapter" / "adapter_config.json").exists() == (method == "lora")
+
+
+def test_a_typed_template_that_disagrees_with_the_starting_runs_is_refused(sft_run, tmp_path, monkeypatch, capfd):
+    """The run was trained in Alpaca: data.template=llama2_chat on the command line is refused in one line (a data
+    preset's template gives way to the run's, logged); the run's own template typed again is no disagreement."""
+    from test_bad_input import in_process, one_line_error
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"Write about a {t}.", "chosen": f"The {t} was red.",
+                                                    "rejected": "No."} for t in ("cat", "dog", "ball", "tree") * 4])
+    common = [*FAST, "finetune=dpo", f"finetune.init_from={sft_run}", "data=instruct", f"data.files={pairs}"]
+    status, stderr = in_process("train.py", [*common, "data.template=llama2_chat", f"hydra.run.dir={tmp_path / 'run'}"],
+                                monkeypatch, capfd)
+    assert status == 2
+    one_line_error(stderr, [f"data.template=llama2_chat disagrees with finetune.init_from={sft_run}, trained in "
+                            f"template alpaca: leave data.template unset to go on in alpaca"])
+    assert not (tmp_path / "run").exists()
+    result = train(*common[len(FAST):], "data.template=alpaca", "trainer.max_steps=1", "trainer.val_check_interval=1",
+                   run_dir=tmp_path / "agreeing")
+    assert "on preference data in template alpaca" in result.stdout + result.stderr

@@ -4,9 +4,11 @@ import runpy
 import sys
 
 from gptexp.commands import COMMANDS
+from gptexp.core.interrupt import answer_while_starting
 
 
 def main() -> None:
+    answer_while_starting()  # Ctrl-C while the command imports torch and Lightning: one line, exit status 130
     name = sys.argv[1] if len(sys.argv) > 1 else None
     if name is None or name in ("-h", "--help"):
         listing = "\n".join(f"  {command:8s} {what}" for command, what in COMMANDS.items())

@@ -2,6 +2,13 @@
 cli.py, what every command does with bad input and faults. Run one as `python -m gptexp <command> [key=value ...]`
 (or `python -m gptexp.commands.<command>`); `python train.py` is `train`. A command never imports another."""
 
+import sys
+
+from gptexp.core.interrupt import answer_while_starting
+
+if sys.argv[:1] == ["-m"]:  # python -m gptexp.commands.<command>, while Python finds the command (its docs say so)
+    answer_while_starting()  # Ctrl-C while the command imports torch and Lightning: one line, exit status 130
+
 COMMANDS = {
     "train": "train or finetune a model (also: python train.py)",
     "sample": "write text with any model (mode=chat: talk to a LLaMA-2 chat model)",

@@ -25,7 +25,7 @@ from gptexp.core.config import CONF_DIR, ConfigError, build_dataclass, plain
 from gptexp.core.run_lock import secondary_rank
 from gptexp.core.safe_load import trusting
 from gptexp.core.writing import WriteError
-from gptexp.data.tokenizers import tokenizer_state
+from gptexp.data.tokenizers import tokenizer_state, vocabulary
 from gptexp.finetune import objectives
 from gptexp.training import precision
 from gptexp.training.callbacks.history import RunHistory, carry_over
@@ -103,10 +103,10 @@ def run(cfg: DictConfig) -> float | None:
         raise ConfigError("pretrained weights need the tokenizer they were trained with, not characters; "
                           "use data=shakespeare rather than data=shakespeare_char, and leave model.tokenizer alone")
     start = starting_run(cfg)  # finetune.init_from: an earlier run's model, tokenizer and template
-    source = data.load(cfg.data, model_tokenizer, template=start.template if start else None)
+    source = data.load(cfg.data, model_tokenizer, template=starting_template(cfg, start))
     if start is not None:
         model = start.model.train()
-        if tokenizer_state(start.tokenizer) != tokenizer_state(source.tokenizer):
+        if vocabulary(start.tokenizer) != vocabulary(source.tokenizer):  # the ids mean the same, whatever file
             raise ConfigError(f"finetune.init_from={cfg.finetune.init_from} was trained with the tokenizer "
                               f"{start.tokenizer.name}, the data is tokenized with {source.tokenizer.name}; set "
                               f"model=<that run's model> (model.tokenizer) to match")
@@ -169,13 +169,34 @@ def starting_run(cfg: DictConfig):
     return start
 
 
+def starting_template(cfg: DictConfig, start) -> str | None:
+    """The template the starting run was trained in, which its instruction data is written in again. A data.template
+    typed on the command line that disagrees with it is refused; one that a data preset sets gives way, logged."""
+    chosen = cfg.data.get("template")
+    if start is None or not start.template or not chosen or chosen == start.template:
+        return start.template if start else None
+    if typed("data.template"):
+        raise ConfigError(f"data.template={chosen} disagrees with finetune.init_from={cfg.finetune.init_from}, "
+                          f"trained in template {start.template}: leave data.template unset to go on in "
+                          f"{start.template}, or start from a run trained in {chosen}")
+    log.warning("data.template=%s (the data preset's) gives way to %s, the template finetune.init_from was trained in",
+                chosen, start.template)
+    return start.template
+
+
+def typed(key: str) -> bool:
+    """Whether `key` was set on the command line (not by a config group or a recipe)."""
+    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    return any(o.lstrip("+~").split("=", 1)[0] == key for o in overrides)
+
+
 def optimizer_config(cfg: DictConfig) -> OptimConfig:
     """cfg.optim, checked; an optimizer picked on the command line (optim=adamw) wins over the one a model's
     recipe names (optim.name), as every other command-line choice does."""
     values = plain(cfg.optim)
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     picked = [o.split("=", 1)[1] for o in overrides if o.startswith("optim=")]
-    if picked and not any(o.startswith("optim.name=") for o in overrides):
+    if picked and not typed("optim.name"):
         values["name"] = picked[-1]
     return build_dataclass(OptimConfig, values, "optim")
 
@@ -234,11 +255,13 @@ def build_trainer(cfg: DictConfig, resumed: dict | None = None) -> L.Trainer:
 
 
 def instantiate(cfg: DictConfig, key: str, **kwargs):
-    """hydra.utils.instantiate, with a wrong argument reported as the config key it came from."""
+    """hydra.utils.instantiate, with a wrong argument reported as the config key it came from (once: a message that
+    names a key under it already stands as it is)."""
     try:
         return hydra.utils.instantiate(cfg, **kwargs)
     except InstantiationException as error:
-        raise ConfigError(f"{key}: {error.__cause__ or error}") from error
+        cause = error.__cause__ or error
+        raise ConfigError(str(cause) if str(cause).startswith(key) else f"{key}: {cause}") from cause
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")

@@ -105,6 +105,9 @@ def test_train_refuses_bad_input_cleanly(case, tmp_path, monkeypatch, capfd):
 RECIPE_CASES = {
     "recipe whose starting run is not given": (["experiment=stories260k_dpo"],
                                                ["finetune.init_from is required by this recipe", "add finetune.init_from=<the run to start from>"]),
+    "a starting run that is not a run": (["finetune=full", f"finetune.init_from={ROOT / 'conf'}"],
+                                         [f"finetune.init_from={ROOT / 'conf'} is none of the formats",
+                                          "pass a run directory (checkpoints/best.ckpt or last.ckpt)"]),
     "unknown template": (["model=llama2_260k", "data=stories_instruct", "data.template=chatml"],
                          ["template='chatml' is not a template; choose one of"]),
 }

@@ -218,13 +218,18 @@ def test_a_gguf_file_is_a_finetuning_base(written, tmp_path, monkeypatch):
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_a_gguf_base_of_another_architecture_is_one_line(written, tmp_path, monkeypatch, capfd):
+@pytest.mark.parametrize("model, key, held, message", [
+    ("gpt2", "pretrained", "llama", "holds a Llama, not a GPT2; use model=llama2"),
+    ("llama2_260k", "checkpoint", "gpt2", "holds a GPT2, not a Llama; use model=gpt2"),
+])
+def test_a_gguf_base_of_another_architecture_is_one_line(model, key, held, message, written, tmp_path, monkeypatch,
+                                                         capfd):
     _, paths = written
-    status, stderr = in_process("train.py", ["model=gpt2", f"model.pretrained={paths['llama', 'f32']}",
+    status, stderr = in_process("train.py", [f"model={model}", f"model.{key}={paths[held, 'f32']}",
                                              "data.seq_len=32", "logger=csv", f"hydra.run.dir={tmp_path / 'run'}"],
                                 monkeypatch, capfd)
     assert status == 2
-    one_line_error(stderr, ["holds a Llama, not a GPT2; use model=llama2"])
+    one_line_error(stderr, [f"model.{key}={paths[held, 'f32']} {message}"])
     assert not (tmp_path / "run").exists()
 
 

@@ -13,7 +13,9 @@ import torch
 
 from gptexp import data
 from gptexp.core.config import asset_path
-from gptexp.data.example_batches import ExampleDataModule, ExampleRows
+from gptexp.data.example_batches import ExampleDataModule, ExampleRows, fitted
+from gptexp.data.instruct import Examples
+from gptexp.data.templates import Encoded
 from gptexp.weights import load_model
 from training import ROOT, execute
 
@@ -176,6 +178,23 @@ def test_long_examples_keep_their_eos_and_prompts_that_fill_the_window_are_dropp
     cut = [i for i, x in enumerate(inputs) if x is not None and lengths[i] > 41]
     assert cut and all(len(inputs[i]) == 40 and targets[i][-1] == module.tokenizer.eos_id for i in cut)  # EOS kept
     assert 3 <= sum(x is None for x in inputs) < len(inputs)
+
+
+@pytest.mark.parametrize("window, kept, last_inputs", [
+    (12, 8, [21, 22]),  # the cut falls in the second user turn: the first exchange is kept whole
+    (9, 8, [21, 22]),  # right after the first answer's EOS: no second EOS is appended to it
+    (17, 17, [40, 41]),  # inside the second answer: it is cut short and closed by an EOS
+])
+def test_a_cut_never_trains_an_eos_after_half_a_user_turn(window, kept, last_inputs):
+    """Two exchanges, prompt 5 + answer 4 (its EOS, 2, last) + prompt 6 + answer 5, cut to `window` positions."""
+    encoded = Encoded()
+    for prompt, answer in ((list(range(10, 15)), [20, 21, 22, 2]), (list(range(30, 36)), [40, 41, 42, 43, 2])):
+        encoded.add(prompt, False)
+        encoded.add(answer, True)
+    for train_on_prompt in (False, True):
+        (x,), (y,), dropped = fitted(Examples.of([encoded]), window, train_on_prompt)
+        assert dropped == 0 and len(x) == kept and y[-1] == 2 and list(x[-2:]) == last_inputs
+        assert all(encoded.trained[j] for j in range(len(y)) if y[j] == 2)  # every trained EOS follows an answer
 
 
 def test_a_packed_batch_gives_each_example_its_loss_alone(tmp_path, caplog):

@@ -57,6 +57,9 @@ def rows(run_dir: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+SYSTEM = "Storyteller"  # the instruction run's data.system
+
+
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
@@ -65,30 +68,32 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory) -> Path:
     """A few instruction-finetuning steps of stories260K (full weights), in the Alpaca template (not the LLaMA
-    tokenizer's default, llama2_chat): what comes after it must use the run's own."""
+    tokenizer's default, llama2_chat) with a system prompt: what comes after it must use the run's own."""
     root = tmp_path_factory.mktemp("sft")
     records = [{"instruction": f"Write about a {thing}.", "output": f"The {thing} was red and it was happy."}
                for thing in ("cat", "dog", "ball", "tree", "car", "bird", "fish", "cake") * 3]
     path = write_jsonl(root / "sft.jsonl", records)
-    train("finetune=full", "data=instruct", f"data.files={path}", "data.template=alpaca", "trainer.max_steps=6",
+    train("finetune=full", "data=instruct", f"data.files={path}", "data.template=alpaca", f"data.system={SYSTEM}",
+          "trainer.max_steps=6",
           "trainer.val_check_interval=6", run_dir=root / "run")
     return root / "run"
 
 
 def test_sample_and_evaluate_use_the_runs_template(sft_run, tmp_path):
-    """sample mode=chat answers in the run's template (Alpaca here), stopping at its EOS; evaluate on the run's
-    instruction data scores the answers only, in that template: its nats per answer token are the run's last
-    val/loss."""
+    """sample mode=chat answers in the run's template (Alpaca here) with the run's system prompt, stopping at its
+    EOS; evaluate on the run's instruction data scores the answers only, in that template and with that system
+    prompt: its nats per answer token are the run's last val/loss."""
     from gptexp.data import templates
     from gptexp.data.tokenizers import load_tokenizer
 
     chat = execute("-m", "gptexp", "sample", f"source={sft_run}", "mode=chat", "temperature=0",
                    "max_new_tokens=40", f"hydra.run.dir={tmp_path / 'chat'}", input="Write about a cat.\n", timeout=300)
     assert chat.returncode == 0, chat.stderr[-3000:]
-    assert "chat in template alpaca (the run's)" in chat.stderr
+    assert "chat in template alpaca (the run's), with the run's system prompt" in chat.stderr
     record = json.loads((tmp_path / "chat" / "samples.jsonl").read_text().splitlines()[0])
     tokenizer = load_tokenizer(str(ROOT / "src/gptexp/assets/stories260K/tok512.model"))
-    assert record["prompt_ids"] == templates.prompt_ids(templates.get("alpaca"), tokenizer, [], "Write about a cat.")
+    assert record["prompt_ids"] == templates.prompt_ids(templates.get("alpaca"), tokenizer, [], "Write about a cat.",
+                                                        SYSTEM)
     evaluated = execute("-m", "gptexp", "evaluate", f"source={sft_run}", "checkpoint=last",
                         "data=instruct", f"data.files={sft_run.parent / 'sft.jsonl'}", "logger=none",
                         f"hydra.run.dir={tmp_path / 'eval'}", timeout=300)
@@ -150,3 +155,54 @@ def test_a_typed_template_that_disagrees_with_the_starting_runs_is_refused(sft_r
     result = train(*common[len(FAST):], "data.template=alpaca", "trainer.max_steps=1", "trainer.val_check_interval=1",
                    run_dir=tmp_path / "agreeing")
     assert "on preference data in template alpaca" in result.stdout + result.stderr
+
+
+def tiny_gpt2(dropout: float):
+    from gptexp.models import GPT2, GPT2Config
+
+    torch.manual_seed(0)
+    return GPT2(GPT2Config(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32, dropout=dropout))
+
+
+def answer_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two pairs of rows (chosen first) whose last 8 tokens are the answers."""
+    x = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(1))
+    y = x.roll(-1, dims=1)
+    y[:, :4] = -1
+    return x, y
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.parametrize("disable_dropout", [True, False])
+def test_the_reference_and_by_default_the_policy_run_without_dropout(method, disable_dropout):
+    """With dropout everywhere (the model's and LoRA's), in train mode: the reference's log-probabilities are the
+    same call after call, and so are the policy's unless finetune.disable_dropout=false."""
+    from gptexp import finetune
+    from gptexp.finetune import objectives
+
+    settings = {"method": method, "r": 4, "alpha": 8, "dropout": 0.3}
+    model = finetune.apply(tiny_gpt2(dropout=0.3), settings)
+    config = finetune.FinetuneConfig(**settings, objective="preference", disable_dropout=disable_dropout)
+    objective = objectives.build(config, model, "pairs")
+    x, y = answer_batch()
+    model.train()
+    assert torch.equal(objective.reference_logps(model, x, y), objective.reference_logps(model, x, y))
+    assert model.training  # the policy goes back to train mode after its reference pass
+    assert torch.equal(objective.logps(model, x, y), objective.logps(model, x, y)) == disable_dropout
+
+
+def test_under_bf16_true_the_frozen_reference_takes_the_policys_dtype():
+    """trainer.precision=bf16-true makes the policy bf16 after the objective copied it: the reference follows, so
+    at step 0 every margin is exactly 0 and the loss ln 2, and the copy holds half the bytes."""
+    from gptexp import finetune
+    from gptexp.finetune import objectives
+
+    model = tiny_gpt2(dropout=0.0)
+    objective = objectives.build(finetune.FinetuneConfig(objective="preference"), model, "pairs")
+    model.to(torch.bfloat16).eval()  # what Lightning's bf16-true does to the module; validation's mode
+    x, y = answer_batch()
+    with torch.no_grad():  # the first validation (validate_first), step 0
+        losses, metrics = objective.losses(objective.logps(model, x, y), objective.reference_logps(model, x, y))
+    assert torch.equal(metrics["rewards/margins"], torch.zeros(2))
+    assert losses.tolist() == pytest.approx([math.log(2)] * 2, abs=1e-7)
+    assert {p.dtype for p in objective.reference.parameters()} == {torch.bfloat16}

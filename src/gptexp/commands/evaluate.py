@@ -84,15 +84,18 @@ def shard_tokens(cfg: DictConfig, tokenizer) -> tuple[torch.Tensor, str]:
 
 
 @torch.inference_mode()
-def evaluate_answers(model, tokenizer, cfg: DictConfig, template: str | None) -> dict:
+def evaluate_answers(model, tokenizer, cfg: DictConfig, template: str | None, system: str | None) -> dict:
     """An instruction dataset's split (data=instruct and its presets), written in the run's template (else
-    data.template): the answers' tokens scored, each from its whole prompt; the prompts' tokens are not."""
+    data.template) with the run's system prompt (unless data.system gives one): the answers' tokens scored, each from
+    its whole prompt; the prompts' tokens are not."""
     from gptexp.data.example_batches import ExampleRows, fitted
     from gptexp.data.instruct import InstructExamples
 
     if cfg.split not in ("train", "val"):
         raise ConfigError(f"split={cfg.split!r}: choose train or val")
-    source = InstructExamples(build_dataclass(DataConfig, cfg.data, "data"), template).use(tokenizer)
+    config = build_dataclass(DataConfig, cfg.data, "data")
+    config.system = system if config.system is None else config.system
+    source = InstructExamples(config, template).use(tokenizer)
     if source.pairs:
         raise ConfigError(f"data={cfg.data.name} holds preference pairs; evaluate scores instruction data's answers")
     inputs, targets, dropped = fitted(source.load()[cfg.split], model.context_length, train_on_prompt=False)
@@ -232,7 +235,7 @@ def evaluate(cfg: DictConfig) -> dict:
     source.place(cfg.device, cfg.precision, cfg.quantize, cfg.quantize_group_size)
     model = source.model
     if cfg.task == "perplexity" and cfg.text is None and cfg.data.get("loader") == "instruct":
-        results = evaluate_answers(model, source.tokenizer, cfg, source.template)  # in the run's template
+        results = evaluate_answers(model, source.tokenizer, cfg, source.template, source.system)  # as the run
     else:
         task = {"perplexity": evaluate_perplexity, "multiple_choice": evaluate_multiple_choice,
                 "lm_eval": evaluate_lm_eval}[cfg.task]

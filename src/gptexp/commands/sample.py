@@ -176,7 +176,8 @@ def sample_batch(model, tokenizer, batch: list[Completion], prompts: list[list[i
           f"{f'; draft: {stats}' if proposer else ''}]", file=sys.stderr, flush=True)
 
 
-def chat(model, tokenizer, template: templates.Template, cfg: DictConfig, generator: torch.Generator,
+def chat(model, tokenizer, template: templates.Template, cfg: DictConfig, system: str | None,
+         generator: torch.Generator,
          proposer: speculative.Proposer | None = None) -> list[dict]:
     """Turns from stdin, one a line, answered in `template` until an empty line or EOF; the oldest exchanges are
     dropped, with a note, when the history no longer fits the context."""
@@ -193,7 +194,7 @@ def chat(model, tokenizer, template: templates.Template, cfg: DictConfig, genera
             return records
         message = line.rstrip("\n")
         try:
-            kept, ids = templates.fitting_history(template, tokenizer, history, message, cfg.system, room)
+            kept, ids = templates.fitting_history(template, tokenizer, history, message, system, room)
         except ValueError as error:
             raise ConfigError(str(error)) from error
         if len(kept) < len(history):
@@ -225,8 +226,10 @@ def sample(cfg: DictConfig) -> list[dict]:
             template.check(tokenizer)
         except ValueError as error:
             raise ConfigError(f"mode=chat: {error}") from None
-        log.info("chat in template %s%s", template.name, " (the run's)" if source.template else "")
-        records = chat(model, tokenizer, template, cfg, generator, proposer)
+        system = cfg.system if cfg.system is not None else source.system  # the run's, unless one is given
+        log.info("chat in template %s%s%s", template.name, " (the run's)" if source.template else "",
+                 ", with the run's system prompt" if cfg.system is None and system is not None else "")
+        records = chat(model, tokenizer, template, cfg, system, generator, proposer)
         write_records(Path(cfg.output_dir) / "samples.jsonl", records)
         return records
     completions = [[Completion(text, ids) for _ in range(cfg.num_samples)] for text, ids in zip(prompts, encoded)]

@@ -127,7 +127,7 @@ def run(cfg: DictConfig) -> float | None:
     optim = optimizer_config(cfg)
     log.info("optimizer: %s", "Muon for the hidden matrices, AdamW for the rest" if optim.name == "muon" else "AdamW")
     module = LanguageModelModule(model, optim, cfg.on_nonfinite_loss, tokenizer_state(source.tokenizer),
-                                 objective=objective, template=source.template)
+                                 objective=objective, template=source.template, system=source.system)
     if ckpt_path:
         checkpoints.check_compatible(resumed.get("state_dict", {}), module.state_dict(), ckpt_path)
     if not secondary_rank():  # rank 0 writes the history, and holds the directory's lock

@@ -47,6 +47,11 @@ class DataSource:
         """The template instruction data is written in (None for a corpus)."""
         return self.tokens.template.name if self.config.loader == "instruct" else None
 
+    @property
+    def system(self) -> str | None:
+        """The system prompt given to conversations without one (data.system; None for a corpus)."""
+        return self.config.system if self.config.loader == "instruct" else None
+
 
 def load(cfg: Mapping[str, Any], model_tokenizer: Any, template: str | None = None) -> DataSource:
     """The dataset a conf/data/*.yaml names, with the tokenizer to use: the model's (`model_tokenizer`: a tokenizer,

@@ -26,13 +26,15 @@ GROUP = 64  # data.group_by_length: examples sorted by length within groups of 6
 
 
 def fitted(examples: Examples, window: int, train_on_prompt: bool) -> tuple[list[np.ndarray], list[np.ndarray], int]:
-    """Each example as (input ids, targets) of at most `window` positions: one longer is cut to fit with its closing
-    EOS kept; one whose prompt alone fills the window is dropped. Also how many were dropped."""
+    """Each example as (input ids, targets) of at most `window` positions. One longer is cut to fit: inside an answer,
+    that answer is cut short and closed by its EOS (trained); elsewhere (in a later exchange's prompt) after the last
+    whole exchange, so that no EOS is ever trained after half a user turn. One whose prompt alone fills the window is
+    dropped. Also how many were dropped."""
     inputs, targets, dropped = [], [], 0
     for i in range(len(examples)):
-        ids, trained = (np.asarray(a) for a in examples.example(i))
-        ids, trained = ids.astype(np.int64), trained.copy()
-        first = int(np.argmax(trained))  # the first answer token: the prompt is ids[:first]
+        ids, answer = (np.asarray(a) for a in examples.example(i))
+        ids, trained = ids.astype(np.int64), answer.copy()
+        first = int(np.argmax(answer))  # the first answer token: the prompt is ids[:first]
         if train_on_prompt:
             trained[1:] = True
         if len(ids) > window + 1:
@@ -40,8 +42,13 @@ def fitted(examples: Examples, window: int, train_on_prompt: bool) -> tuple[list
                 dropped += 1
                 inputs.append(None), targets.append(None)
                 continue
-            ids = np.concatenate([ids[:window], ids[-1:]])
-            trained = np.concatenate([trained[:window], [True]])
+            if answer[window - 1] and answer[window]:  # inside an answer: cut it short, closed by its EOS
+                ids = np.concatenate([ids[:window], ids[-1:]])
+                trained = np.concatenate([trained[:window], [True]])
+            else:  # after the last exchange whose answer's EOS fits (each answer's last trained token)
+                closed = answer[:window + 1] & ~answer[1:window + 2]
+                end = int(np.flatnonzero(closed)[-1]) + 1
+                ids, trained = ids[:end], trained[:end]
         inputs.append(ids[:-1])
         targets.append(np.where(trained[1:], ids[1:], -1))
     return inputs, targets, dropped

@@ -108,7 +108,7 @@ class Llama2Chat(Template):
 
     def prompt_text(self, exchange: Exchange, system: str | None, index: int) -> str:
         user = joined(exchange)
-        if system:
+        if system is not None:  # an empty one too: Meta's code and HF's template write its <<SYS>> block
             user = B_SYS + system + E_SYS + user
         return f"{B_INST} {user.strip()} {E_INST}"
 

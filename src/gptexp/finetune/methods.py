@@ -36,6 +36,7 @@ class FinetuneConfig:
     objective: str = "auto"  # auto (what the data holds) | next_token | instruction | preference
     beta: float = 0.1  # preference: the scale of the implicit reward, as TRL's DPO
     label_smoothing: float = 0.0  # preference: the assumed share of flipped labels (cDPO)
+    disable_dropout: bool = True  # preference: the policy without dropout too, as TRL's DPO (the reference never has)
     init_from: str | None = None  # start from this run's weights (its best checkpoint, a LoRA adapter merged in)
 
     def __post_init__(self):

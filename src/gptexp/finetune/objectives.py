@@ -18,6 +18,8 @@ processes' gradients: `scale` (accumulated batches x processes) undoes both for 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -88,11 +90,14 @@ class Preference:
 
     @torch.no_grad()
     def reference_logps(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The reference's log-probabilities, without dropout (in eval mode, as TRL's); a frozen copy takes the
+        policy's device and dtype (trainer.precision=bf16-true makes the policy bf16 after the copy was made)."""
         if self.reference is None:
-            with model.disable_adapter():
+            with model.disable_adapter(), evaluating(model):
                 return self.logps(model, x, y)
-        self.reference.to(x.device)
-        return self.logps(self.reference, x, y)
+        weight = next(p for p in model.parameters() if p.is_floating_point())
+        self.reference.to(device=x.device, dtype=weight.dtype)
+        return self.logps(self.reference.eval(), x, y)
 
     def losses(self, policy: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Each pair's loss and rewards from (2P,) log-probabilities, chosen first."""
@@ -118,6 +123,26 @@ class Preference:
 OBJECTIVES = ("auto", "next_token", "instruction", "preference")
 
 
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """`model` in eval mode (no dropout) inside the block, in the mode it was in after."""
+    training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(training)
+
+
+def without_dropout(model: nn.Module) -> None:
+    """Every dropout of `model` set to 0: its nn.Dropout layers (LoRA's too) and the attention's dropout rate."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        elif isinstance(getattr(module, "dropout", None), float):  # GPT-2's attention passes it to SDPA
+            module.dropout = 0.0
+
+
 def build(config, model: nn.Module, data_kind: str):
     """The objective finetune.objective names (auto: what the data holds), for `data_kind` (windows | examples |
     pairs: gptexp.data). A preference's reference is the model with its adapters disabled (LoRA), else a frozen
@@ -136,5 +161,7 @@ def build(config, model: nn.Module, data_kind: str):
         return NextToken()
     if wanted == "instruction":
         return Instruction()
+    if config.disable_dropout:  # the policy as the reference runs: deterministic log-probabilities (TRL's default)
+        without_dropout(model)
     reference = None if hasattr(model, "disable_adapter") else copy.deepcopy(model).eval().requires_grad_(False)
     return Preference(config.beta, config.label_smoothing, reference)

@@ -32,7 +32,8 @@ class LanguageModelModule(L.LightningModule):
     """
 
     def __init__(self, model: LanguageModel, optim: OptimConfig, on_nonfinite_loss: str = "stop",
-                 tokenizer: dict | None = None, objective=None, template: str | None = None):
+                 tokenizer: dict | None = None, objective=None, template: str | None = None,
+                 system: str | None = None):
         super().__init__()
         if on_nonfinite_loss not in ("stop", "skip"):
             raise ConfigError(f"on_nonfinite_loss must be 'stop' or 'skip', got {on_nonfinite_loss!r}")
@@ -40,6 +41,7 @@ class LanguageModelModule(L.LightningModule):
         self.tokenizer = tokenizer  # tokenizers.tokenizer_state: kept in checkpoints beside the architecture
         self.objective = objective or NextToken()
         self.template = template  # the template instruction data was written in: kept in checkpoints
+        self.system = system  # the system prompt it was given (data.system): kept in checkpoints
         self.val_loss = MeanMetric()  # token-weighted mean cross-entropy over the validation split
         self.val_metrics = torch.nn.ModuleList(MeanMetric() for _ in self.objective.metric_names)
         self.skipped_steps = 0
@@ -56,6 +58,8 @@ class LanguageModelModule(L.LightningModule):
             checkpoint["gptexp_lora"] = {"r": lora.r, "alpha": lora.lora_alpha, "target_modules": sorted(lora.target_modules)}
         if self.template is not None:
             checkpoint["gptexp_template"] = self.template
+        if self.system is not None:
+            checkpoint["gptexp_system"] = self.system
         checkpoint["skipped_steps"] = self.skipped_steps
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

@@ -37,7 +37,7 @@ def write(source: Source, path: str | Path) -> None:
     spec = {"class": type(source.model).__name__, "config": asdict(source.model.config)}
     metadata = {"format": FORMAT, "model": json.dumps(spec), "quantization": json.dumps(held),
                 "tokenizer": json.dumps(tokenizer), "template": json.dumps(source.template),
-                "description": source.description}
+                "system": json.dumps(source.system), "description": source.description}
     data = save(tensors, metadata=metadata)
     write_atomically(Path(path), lambda f: f.write(data))
 
@@ -54,7 +54,7 @@ def read(path: Path, overrides: dict | None = None, with_tokenizer: bool = True)
         tokenizer["model"] = tensors.pop(TOKENIZER_TENSOR).numpy().tobytes()
     model = assemble(config_cls(**spec["config"]), tensors, path, quantized=held, overrides=overrides)
     return Source(model, tokenizer_from_state(tokenizer) if with_tokenizer else None,
-                  f"{metadata['description']}, {held['scheme']} ({path})", metadata["template"])
+                  f"{metadata['description']}, {held['scheme']} ({path})", metadata["template"], metadata["system"])
 
 
 def tokenizer(path: Path):
@@ -96,6 +96,10 @@ def _metadata(path: Path) -> dict:
     if not isinstance(fields["template"], (str, type(None))):
         raise ConfigError(f"{path}: its metadata's 'template' must be a template's name or null, found "
                           f"{metadata['template'][:80]}; {REEXPORT}")
+    fields["system"] = _json_field(metadata, "system", path) if "system" in metadata else None  # since 2026-12-07
+    if not isinstance(fields["system"], (str, type(None))):
+        raise ConfigError(f"{path}: its metadata's 'system' must be a system prompt or null, found "
+                          f"{metadata['system'][:80]}; {REEXPORT}")
     return fields | {"description": metadata.get("description", path.name)}
 
 

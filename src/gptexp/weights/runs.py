@@ -54,7 +54,7 @@ def read(path: Path, overrides: dict | None = None, with_tokenizer: bool = True)
     else:
         tokenizer = _run_tokenizer(path)
     return Source(model.eval(), tokenizer, f"{path} (step {state.get('global_step', '?')})",
-                  state.get("gptexp_template"))
+                  state.get("gptexp_template"), state.get("gptexp_system"))
 
 
 def _with_adapter(model: LanguageModel, weights: dict, lora: dict, path: Path) -> LanguageModel:

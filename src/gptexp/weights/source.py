@@ -24,6 +24,7 @@ class Source:
     tokenizer: Any  # None where it was not asked for (load_model)
     description: str  # what was loaded, for the log
     template: str | None = None  # the template an instruction run was trained in (gptexp.data.templates)
+    system: str | None = None  # the system prompt it was trained with (data.system)
 
     def place(self, device: str = "auto", precision: str = "fp32", quantize: str | None = None,
               group_size: int = quantization.DEFAULT_GROUP_SIZE) -> str:

@@ -5,6 +5,7 @@ divided by its answer tokens however the step is split (batch 8, 2 x 4 accumulat
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from gptexp.core.config import asset_path
 from gptexp.data.example_batches import ExampleDataModule, ExampleRows, fitted
 from gptexp.data.instruct import Examples
 from gptexp.data.templates import Encoded
-from gptexp.weights import load_model
+from gptexp.weights import load_model, load_source
 from training import ROOT, execute
 
 STORIES = asset_path("stories260K/stories260K.bin")
@@ -414,3 +415,28 @@ def test_an_instruction_run_resumes_exactly(tmp_path):
                   name="resumed")
     assert [s for s, _ in resumed] == [s for s, _ in whole] == list(range(8))
     assert [loss for _, loss in resumed] == pytest.approx([loss for _, loss in whole], abs=1e-6)
+
+
+def test_the_instruction_benchmark_measures_fluency_beside_behaviour():
+    """benchmarks/instruction_following.py: repetition is the share of repeated word 4-grams within an answer, pooled;
+    perplexity is the bundled stories260K's on the answers' tokens; a run prints both columns for each source."""
+    import math
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from instruction_following import perplexity, repetition
+
+    assert repetition(["a b c d a b c d", "One two three four five."]) == pytest.approx(1 / 7)  # 1 of 5, 0 of 2
+    assert repetition(["too short", ""]) == 0.0
+    judge = load_source(asset_path("stories260K/stories260K.bin"))
+    story = "Once upon a time, there was a little girl named Lily. She liked to play in the park."
+    ids = [judge.tokenizer.bos_id] + judge.tokenizer.encode(story)
+    with torch.inference_mode():
+        _, loss = judge.model(torch.tensor([ids[:-1]]), torch.tensor([ids[1:]]))
+    assert perplexity(judge, [story, ""]) == pytest.approx(math.exp(loss.item()), rel=1e-6)
+    assert perplexity(judge, ["Lily park the upon girl once, named a there little"]) > 2 * perplexity(judge, [story])
+    result = execute("benchmarks/instruction_following.py", asset_path("stories260K/stories260K.bin"), "--limit", "4",
+                     "--max-new-tokens", "16", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"stories260K.bin: template llama2_chat, word rate [\d.]+ \(\d+ of \d+ words\), EOS rate [\d.]+, "
+                     r"perplexity [\d.]+, repetition [\d.]+, 4 requests in", result.stdout), result.stdout

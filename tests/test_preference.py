@@ -20,16 +20,21 @@ FAST = ["model=llama2_260k", "data.seq_len=160", "data.batch_size=4", "data.eval
 
 def test_the_loss_and_rewards_are_the_published_formulas():
     """Rafailov et al. (2023), eq. 7, with cDPO's label smoothing: loss = -(1 - e) log s(b h) - e log s(-b h),
-    h = (log pi_c - log ref_c) - (log pi_r - log ref_r); rewards b (log pi - log ref)."""
+    h = (log pi_c - log ref_c) - (log pi_r - log ref_r); rewards b (log pi - log ref); RPO (Pang et al. 2024) adds
+    a (-log pi_c / |y_c|)."""
     policy = torch.tensor([-10.0, -20.0, -14.0, -18.0])  # chosen: pairs 0 and 1; rejected: then
     reference = torch.tensor([-11.0, -19.0, -12.0, -18.5])
+    tokens = torch.tensor([4, 5, 3, 6])  # each answer's tokens
     beta, smoothing = 0.5, 0.1
-    losses, metrics = Preference(beta, smoothing).losses(policy, reference)
-    for pair, (pc, pr, rc, rr) in enumerate([(-10, -14, -11, -12), (-20, -18, -19, -18.5)]):
+    losses, metrics = Preference(beta, smoothing).losses(policy, reference, tokens)
+    rpo_losses, _ = Preference(beta, smoothing, rpo_alpha=0.5).losses(policy, reference, tokens)
+    for pair, (pc, pr, rc, rr, n) in enumerate([(-10, -14, -11, -12, 4), (-20, -18, -19, -18.5, 5)]):
         h = beta * ((pc - rc) - (pr - rr))
         log_sigmoid = lambda z: -math.log1p(math.exp(-z))  # noqa: E731
         expected = -(1 - smoothing) * log_sigmoid(h) - smoothing * log_sigmoid(-h)
         assert losses[pair].item() == pytest.approx(expected, rel=1e-6)
+        assert rpo_losses[pair].item() == pytest.approx(expected + 0.5 * -pc / n, rel=1e-6)  # RPO: + a NLL per token
+        assert metrics["nll/chosen"][pair].item() == pytest.approx(-pc / n)
         assert metrics["rewards/chosen"][pair].item() == pytest.approx(beta * (pc - rc))
         assert metrics["rewards/rejected"][pair].item() == pytest.approx(beta * (pr - rr))
         assert metrics["rewards/margins"][pair].item() == pytest.approx(h)
@@ -182,8 +187,10 @@ def test_the_reference_and_by_default_the_policy_run_without_dropout(method, dis
 
     settings = {"method": method, "r": 4, "alpha": 8, "dropout": 0.3}
     model = finetune.apply(tiny_gpt2(dropout=0.3), settings)
-    config = finetune.FinetuneConfig(**settings, objective="preference", disable_dropout=disable_dropout)
+    config = finetune.FinetuneConfig(**settings, objective="preference", disable_dropout=disable_dropout,
+                                     rpo_alpha=0.25)
     objective = objectives.build(config, model, "pairs")
+    assert objective.rpo_alpha == 0.25
     x, y = answer_batch()
     model.train()
     assert torch.equal(objective.reference_logps(model, x, y), objective.reference_logps(model, x, y))
@@ -202,7 +209,8 @@ def test_under_bf16_true_the_frozen_reference_takes_the_policys_dtype():
     model.to(torch.bfloat16).eval()  # what Lightning's bf16-true does to the module; validation's mode
     x, y = answer_batch()
     with torch.no_grad():  # the first validation (validate_first), step 0
-        losses, metrics = objective.losses(objective.logps(model, x, y), objective.reference_logps(model, x, y))
+        losses, metrics = objective.losses(objective.logps(model, x, y), objective.reference_logps(model, x, y),
+                                           (y != -1).sum(-1))
     assert torch.equal(metrics["rewards/margins"], torch.zeros(2))
     assert losses.tolist() == pytest.approx([math.log(2)] * 2, abs=1e-7)
     assert {p.dtype for p in objective.reference.parameters()} == {torch.bfloat16}

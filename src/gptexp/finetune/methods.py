@@ -36,6 +36,7 @@ class FinetuneConfig:
     objective: str = "auto"  # auto (what the data holds) | next_token | instruction | preference
     beta: float = 0.1  # preference: the scale of the implicit reward, as TRL's DPO
     label_smoothing: float = 0.0  # preference: the assumed share of flipped labels (cDPO)
+    rpo_alpha: float = 0.0  # preference: weight of the chosen answers' NLL per token beside DPO's loss (RPO); 0: DPO
     disable_dropout: bool = True  # preference: the policy without dropout too, as TRL's DPO (the reference never has)
     init_from: str | None = None  # start from this run's weights (its best checkpoint, a LoRA adapter merged in)
 
@@ -53,9 +54,9 @@ class FinetuneConfig:
 
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
-        if self.beta <= 0 or not 0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"need beta > 0 and label_smoothing in [0, 0.5); got beta={self.beta}, "
-                             f"label_smoothing={self.label_smoothing}")
+        if self.beta <= 0 or not 0 <= self.label_smoothing < 0.5 or self.rpo_alpha < 0:
+            raise ValueError(f"need beta > 0, label_smoothing in [0, 0.5) and rpo_alpha >= 0; got beta={self.beta}, "
+                             f"label_smoothing={self.label_smoothing}, rpo_alpha={self.rpo_alpha}")
 
 
 def apply(model: LanguageModel, cfg: Mapping[str, Any]) -> nn.Module:

@@ -9,7 +9,8 @@
   summed over each answer's tokens, policy π and reference π_ref (the base with its adapters disabled, or a frozen
   copy of the starting weights), the reward of an answer is β (log π - log π_ref) and a pair's loss is
   -(1 - ε) log σ(r_chosen - r_rejected) - ε log σ(r_rejected - r_chosen) (ε: label_smoothing, cDPO's noisy labels),
-  summed over the step's pairs and divided by their number.
+  plus α times the chosen answer's negative log-likelihood per token (α: rpo_alpha, RPO, Pang et al. 2024: it keeps
+  the chosen answers likely, where DPO alone lowers both), summed over the step's pairs and divided by their number.
 
 Each objective returns what backward needs. Lightning divides it by the accumulated batches and DDP averages the
 processes' gradients: `scale` (accumulated batches x processes) undoes both for the step-normalised objectives.
@@ -75,10 +76,11 @@ class Preference:
     """DPO on batches whose first half of rows are the chosen answers and second half the rejected ones."""
 
     name = "preference"
-    metric_names = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
+    metric_names = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "nll/chosen")
 
-    def __init__(self, beta: float, label_smoothing: float, reference: nn.Module | None = None):
-        self.beta, self.label_smoothing = beta, label_smoothing
+    def __init__(self, beta: float, label_smoothing: float, reference: nn.Module | None = None,
+                 rpo_alpha: float = 0.0):
+        self.beta, self.label_smoothing, self.rpo_alpha = beta, label_smoothing, rpo_alpha
         self.reference = reference  # None: the policy itself with its adapters disabled (LoRA)
 
     @staticmethod
@@ -99,24 +101,28 @@ class Preference:
         self.reference.to(device=x.device, dtype=weight.dtype)
         return self.logps(self.reference.eval(), x, y)
 
-    def losses(self, policy: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Each pair's loss and rewards from (2P,) log-probabilities, chosen first."""
+    def losses(self, policy: torch.Tensor, reference: torch.Tensor,
+               tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Each pair's loss and rewards from (2P,) log-probabilities and answer token counts, chosen first."""
         chosen, rejected = (self.beta * (p - r) for p, r in zip(policy.chunk(2), reference.chunk(2)))
         margin = chosen - rejected
         losses = -(1 - self.label_smoothing) * F.logsigmoid(margin) - self.label_smoothing * F.logsigmoid(-margin)
+        nll = -policy.chunk(2)[0] / tokens.chunk(2)[0]  # the chosen answers', per token
+        if self.rpo_alpha:
+            losses = losses + self.rpo_alpha * nll
         metrics = {"rewards/chosen": chosen, "rewards/rejected": rejected,
-                   "rewards/accuracies": (chosen > rejected).float(), "rewards/margins": margin}
+                   "rewards/accuracies": (chosen > rejected).float(), "rewards/margins": margin, "nll/chosen": nll}
         return losses, {k: v.detach() for k, v in metrics.items()}
 
     def train(self, model: nn.Module, batch: dict, scale: float) -> StepLoss:
         x, y = batch["x"], batch["y"]
-        losses, metrics = self.losses(self.logps(model, x, y), self.reference_logps(model, x, y))
+        losses, metrics = self.losses(self.logps(model, x, y), self.reference_logps(model, x, y), (y != -1).sum(-1))
         return StepLoss(losses.sum() * scale / batch["step_pairs"], losses.mean(),
                         {k: v.mean() for k, v in metrics.items()})
 
     def validate(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
         x, y = batch["x"], batch["y"]
-        losses, metrics = self.losses(self.logps(model, x, y), self.reference_logps(model, x, y))
+        losses, metrics = self.losses(self.logps(model, x, y), self.reference_logps(model, x, y), (y != -1).sum(-1))
         return losses.mean(), torch.tensor(len(losses)), {k: v.mean() for k, v in metrics.items()}
 
 
@@ -164,4 +170,4 @@ def build(config, model: nn.Module, data_kind: str):
     if config.disable_dropout:  # the policy as the reference runs: deterministic log-probabilities (TRL's default)
         without_dropout(model)
     reference = None if hasattr(model, "disable_adapter") else copy.deepcopy(model).eval().requires_grad_(False)
-    return Preference(config.beta, config.label_smoothing, reference)
+    return Preference(config.beta, config.label_smoothing, reference, config.rpo_alpha)

@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
 
-from gptexp.core.interrupt import INTERRUPTED, MESSAGE
+from gptexp.core.interrupt import answer_while_starting, started
 
-try:  # Ctrl-C while pandas and plotnine import: one line, exit status 130
-    import figures
-    import pandas as pd
-    from runs import Run, differing_keys, evaluations, load
-except KeyboardInterrupt:
-    print(MESSAGE, file=sys.stderr)
-    raise SystemExit(INTERRUPTED) from None
+answer_while_starting()  # Ctrl-C while pandas and plotnine import: one line, exit status 130
+import figures  # noqa: E402
+import pandas as pd  # noqa: E402
+from runs import Run, differing_keys, evaluations, load  # noqa: E402
+
+started()
 
 
 def last(run: Run, column: str) -> float:

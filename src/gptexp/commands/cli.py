@@ -25,6 +25,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from gptexp.core.config import BadInput
 from gptexp.core.hydra_callbacks import NEW_DIRECTORIES
+from gptexp.core.interrupt import started
 from gptexp.core.writing import WriteError
 
 BAD_INPUT = (BadInput, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, HydraException,
@@ -101,6 +102,7 @@ def run_command(app: Callable[[], object]) -> None:
     """Call a @hydra.main app with Hydra's own errors (an unknown option, a bad override) answered in one
     line with exit status 2, instead of Hydra's several lines and status 1, and so bad input found outside the task
     (by a sweeper, before its jobs), and Ctrl-C in one line too."""
+    started()  # Ctrl-C raises KeyboardInterrupt again (gptexp.core.interrupt)
     if os.environ.get("HYDRA_FULL_ERROR") and not os.environ.get(OUR_FULL_ERROR):
         app()  # the user asked for full tracebacks
         return

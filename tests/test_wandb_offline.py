@@ -82,7 +82,7 @@ def test_a_run_with_credentials_and_no_usable_server_logs_offline(server, silent
     assert accepted is None or accepted  # the silent server was asked
     # the first step about as soon after the command as offline (the session's run, started under another load):
     # the 3 s wait and no more, not wandb's own 30 to 90 s, within what a busy 2-core machine moves a start-up by
-    # (7 s seen beside the other worker's heavy tests)
+    # (7 s seen beside the other worker's heavy tests; 17 s once, in a fresh clone's CI, 2026-12-07)
     startup = column(metrics(tmp_path / "run"), "time/startup_s")[0][1]
     offline = column(metrics(run_dir), "time/startup_s")[0][1]
-    assert startup < offline + 15, (startup, offline)
+    assert startup < offline + 25, (startup, offline)

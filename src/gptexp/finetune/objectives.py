@@ -19,8 +19,6 @@ processes' gradients: `scale` (accumulated batches x processes) undoes both for 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptexp.core.config import ConfigError
+from gptexp.inference.generation import evaluating
 
 
 @dataclass
@@ -127,17 +126,6 @@ class Preference:
 
 
 OBJECTIVES = ("auto", "next_token", "instruction", "preference")
-
-
-@contextmanager
-def evaluating(model: nn.Module) -> Iterator[None]:
-    """`model` in eval mode (no dropout) inside the block, in the mode it was in after."""
-    training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(training)
 
 
 def without_dropout(model: nn.Module) -> None:

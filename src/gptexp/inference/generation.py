@@ -128,7 +128,8 @@ def one_row_kernel(linears: list[nn.Linear], rounds: int = 4) -> str:
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """`model` in eval mode (no dropout) inside the block, in the mode it was in after."""
     was_training = model.training
     model.eval()
     try:
@@ -190,7 +191,7 @@ def _decode(model, idx, max_new_tokens, temperature, top_k, top_p, use_cache, ge
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode())
         for m in [model, *(proposer.models() if proposer is not None else [])]:
-            stack.enter_context(_eval_mode(m))
+            stack.enter_context(evaluating(m))
             stack.enter_context(onednn_linears(m, idx.size(0)))
         length = min(context, idx.size(1) + max_new_tokens)
         cache = model.new_kv_cache(idx.size(0), length, pad) if use_cache else None

@@ -159,14 +159,15 @@ def generate(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, tem
 def decode(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
            top_k: int | None = None, top_p: float | None = None, *, use_cache: bool = True,
            generator: torch.Generator | None = None, pad: torch.Tensor | None = None,
-           proposer: speculative.Proposer | None = None,
-           stats: speculative.SpeculationStats | None = None) -> Iterator[torch.Tensor]:
+           proposer: speculative.Proposer | None = None, stats: speculative.SpeculationStats | None = None,
+           fan_out: int = 1) -> Iterator[torch.Tensor]:
     """`generate` one step at a time: yields each new column of tokens (B, 1) as soon as it is chosen, so a
     caller can stream them or stop early (closing the iterator restores the model's mode). Prompts of
     different lengths decode in one batch left-padded, `pad` (B,) counting each row's padding tokens; such a
     batch decodes with the KV cache and within the context. With a `proposer` (gptexp.inference.speculative) the
     KV cache checks its proposals several tokens a forward pass, with the same result; `stats` counts how it
-    went."""
+    went. With `fan_out` n each prompt is read once (one prefill) and continued n ways: the columns then have
+    B·n rows, prompt b's continuations being rows b·n ... b·n + n - 1."""
     check_sampling(temperature, top_k, top_p)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -181,21 +182,31 @@ def decode(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, tempe
                          f"tokens + {max_new_tokens} new ones exceed the model's {context}")
     if proposer is not None and not use_cache:
         raise ValueError("speculative decoding checks proposals with the KV cache: pass use_cache=True")
+    if fan_out < 1 or (fan_out > 1 and (proposer is not None or not use_cache
+                                        or idx.size(1) + max_new_tokens > context)):
+        raise ValueError(f"fan_out={fan_out}: continuations of one prefill need fan_out >= 1, the KV cache, no "
+                         f"proposer, and room in the context for every new token")
     return _decode(model, idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator, pad, proposer,
-                   stats if stats is not None else speculative.SpeculationStats())
+                   stats if stats is not None else speculative.SpeculationStats(), fan_out)
 
 
 def _decode(model, idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator, pad, proposer,
-            stats) -> Iterator[torch.Tensor]:
+            stats, fan_out) -> Iterator[torch.Tensor]:
     context = model.context_length
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode())
         for m in [model, *(proposer.models() if proposer is not None else [])]:
             stack.enter_context(evaluating(m))
-            stack.enter_context(onednn_linears(m, idx.size(0)))
+            stack.enter_context(onednn_linears(m, idx.size(0) * fan_out))
         length = min(context, idx.size(1) + max_new_tokens)
         cache = model.new_kv_cache(idx.size(0), length, pad) if use_cache else None
         out = idx
+        if fan_out > 1 and max_new_tokens:  # one prefill per prompt, its cache and last logits copied n ways
+            logits, _ = model(idx, cache=cache)
+            cache.repeat_rows(fan_out)
+            new = sample_next(logits[:, -1].repeat_interleave(fan_out, 0), temperature, top_k, top_p, generator)
+            out = torch.cat([idx.repeat_interleave(fan_out, 0), new], dim=1)
+            yield new
         if proposer is not None:
             for column in _speculate(model, idx, max_new_tokens, temperature, top_k, top_p, generator, pad,
                                      proposer, stats, cache):

@@ -44,6 +44,15 @@ class KVCache:
             self._mask = ((self.length, T), mask[:, None])
         return self._mask[1]
 
+    def repeat_rows(self, times: int) -> None:
+        """Each row `times` times in its place (row r becomes rows r·times ... r·times + times - 1): one prefill of a
+        prompt, decoded as `times` continuations (gptexp.inference.generation.decode's fan_out)."""
+        self.keys = self.keys.repeat_interleave(times, dim=1)
+        self.values = self.values.repeat_interleave(times, dim=1)
+        if self.pad is not None:
+            self.pad = self.pad.repeat_interleave(times)
+        self._mask = None
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, H, T, D) at positions [length, length + T); return all positions so far."""
         end = self.length + k.size(2)

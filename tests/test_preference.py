@@ -183,13 +183,12 @@ def test_the_reference_and_by_default_the_policy_run_without_dropout(method, dis
     """With dropout everywhere (the model's and LoRA's), in train mode: the reference's log-probabilities are the
     same call after call, and so are the policy's unless finetune.disable_dropout=false."""
     from gptexp import finetune
-    from gptexp.finetune import objectives
 
     settings = {"method": method, "r": 4, "alpha": 8, "dropout": 0.3}
     model = finetune.apply(tiny_gpt2(dropout=0.3), settings)
     config = finetune.FinetuneConfig(**settings, objective="preference", disable_dropout=disable_dropout,
                                      rpo_alpha=0.25)
-    objective = objectives.build(config, model, "pairs")
+    objective = finetune.build_objective(config, model, "pairs")
     assert objective.rpo_alpha == 0.25
     x, y = answer_batch()
     model.train()
@@ -202,10 +201,9 @@ def test_under_bf16_true_the_frozen_reference_takes_the_policys_dtype():
     """trainer.precision=bf16-true makes the policy bf16 after the objective copied it: the reference follows, so
     at step 0 every margin is exactly 0 and the loss ln 2, and the copy holds half the bytes."""
     from gptexp import finetune
-    from gptexp.finetune import objectives
 
     model = tiny_gpt2(dropout=0.0)
-    objective = objectives.build(finetune.FinetuneConfig(objective="preference"), model, "pairs")
+    objective = finetune.build_objective(finetune.FinetuneConfig(objective="preference"), model, "pairs")
     model.to(torch.bfloat16).eval()  # what Lightning's bf16-true does to the module; validation's mode
     x, y = answer_batch()
     with torch.no_grad():  # the first validation (validate_first), step 0

@@ -1,7 +1,8 @@
 """What every command does when something goes wrong, so that each answers alike:
 
 - bad input (an unknown option or key, a wrong value, a missing or unreadable file, a busy directory)
-  gets one line on stderr and exit status 2, and a run directory the command made is removed;
+  gets one line on stderr and exit status 2, and a run directory the command made is removed (unless it already
+  holds a checkpoint: bad input that only training meets, such as a faulty reward, leaves what was saved);
 - a fault during the work (a write that fails, ...) gets one line naming what failed, exit status 1, and
   everything written so far stays;
 - anything else is a bug and keeps its traceback. HYDRA_FULL_ERROR=1 shows tracebacks for all.
@@ -93,7 +94,7 @@ def answered_errors(output_dir: str | os.PathLike | None = None) -> Iterator[Non
     except (Fault, WriteError) as error:
         fail(str(error), 1)
     except BAD_INPUT as error:
-        if removable:
+        if removable and not any(directory.rglob("*.ckpt")):  # bad input found mid-run (a reward) keeps its checkpoints
             remove_run_directory(directory)
         fail(one_line(error), 2)
 

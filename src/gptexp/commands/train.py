@@ -26,7 +26,6 @@ from gptexp.core.run_lock import secondary_rank
 from gptexp.core.safe_load import trusting
 from gptexp.core.writing import WriteError
 from gptexp.data.tokenizers import tokenizer_state, vocabulary
-from gptexp.finetune import objectives
 from gptexp.training import precision
 from gptexp.training.callbacks.history import RunHistory, carry_over
 from gptexp.training.callbacks.resume import ResumePoint, ResumeState
@@ -116,12 +115,13 @@ def run(cfg: DictConfig) -> float | None:
     log.info("model: %s, %.2fM parameters; tokenizer %s (%d tokens)", arch, model.num_parameters() / 1e6,
              source.tokenizer.name, source.tokenizer.vocab_size)
     model = finetune.apply(model, cfg.finetune)
-    objective = objectives.build(build_dataclass(finetune.FinetuneConfig, cfg.finetune, "finetune"), model,
-                                 source.kind)
+    finetune_config = build_dataclass(finetune.FinetuneConfig, cfg.finetune, "finetune")
+    objective = finetune.build_objective(finetune_config, model, source.kind, source.tokenizer)
     if source.kind != "windows":
         log.info("objective: %s, on %s data in template %s", objective.name, source.config.format if
                  source.config.format != "auto" else source.tokens.kind, source.template)
-    datamodule = data.build(source, model.context_length, seed=cfg.seed)
+    datamodule = data.build(source, model.context_length, seed=cfg.seed,
+                            rounds=finetune_config.num_iterations if objective.name == "grpo" else None)
     datamodule.prepare_data()
     datamodule.setup("fit")  # data errors (too short for a window, bad shards) before any output is written
     optim = optimizer_config(cfg)
@@ -137,10 +137,15 @@ def run(cfg: DictConfig) -> float | None:
         if ckpt_path:
             log.info("=== resumed at step %d from %s: %s ===", resumed.get("global_step", 0), ckpt_path, kept)
     trainer = build_trainer(cfg, resumed.get("gptexp_resume", {}))
-    batch = (source.config.batch_size, datamodule.seq_len, trainer.num_devices * trainer.num_nodes,
-             trainer.accumulate_grad_batches)
-    log.info("batch: %d windows x %d tokens x %d processes x %d accumulated = %s tokens per optimizer step", *batch,
-             f"{math.prod(batch):,}")
+    processes = trainer.num_devices * trainer.num_nodes
+    if objective.name == "grpo":
+        batch = (source.config.batch_size, finetune_config.num_generations, processes, trainer.accumulate_grad_batches)
+        log.info("batch: %d prompts x %d answers x %d processes x %d accumulated = %s answers of at most %d tokens "
+                 "per optimizer step", *batch, f"{math.prod(batch):,}", finetune_config.max_new_tokens)
+    else:
+        batch = (source.config.batch_size, datamodule.seq_len, processes, trainer.accumulate_grad_batches)
+        log.info("batch: %d windows x %d tokens x %d processes x %d accumulated = %s tokens per optimizer step",
+                 *batch, f"{math.prod(batch):,}")
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:

@@ -96,8 +96,9 @@ def load(cfg: Mapping[str, Any], model_tokenizer: Any, template: str | None = No
 
 
 def batch_inputs(batch):
-    """The (B, T) input ids of any training batch: (x, y) windows, or an instruction or preference batch's dict."""
-    return batch["x"] if isinstance(batch, dict) else batch[0]
+    """The (B, T) input ids of any training batch: (x, y) windows, or an instruction or preference batch's dict;
+    None for a batch of prompts (finetune=grpo), whose inputs the policy writes during the step."""
+    return batch.get("x") if isinstance(batch, dict) else batch[0]
 
 
 def _model_tokenizer(spec):
@@ -107,14 +108,19 @@ def _model_tokenizer(spec):
         raise ConfigError(f"model.tokenizer: {error}") from error
 
 
-def build(source: DataSource, context_length: int, seed: int = 0):
-    """The data module for a model with this context: windows of data.seq_len tokens (null: the whole context), or
-    batches of whole examples of at most that many."""
+def build(source: DataSource, context_length: int, seed: int = 0, rounds: int | None = None):
+    """The data module for a model with this context: windows of data.seq_len tokens (null: the whole context),
+    batches of whole examples of at most that many, or with `rounds` (finetune=grpo's num_iterations) batches of the
+    examples' prompts, for a policy to answer, each round's prompts for that many optimizer steps."""
     seq_len = source.config.seq_len or context_length
     if seq_len > context_length:
         raise ConfigError(f"data.seq_len={seq_len} is longer than the model's context ({context_length}); "
                           f"set data.seq_len<={context_length}")
     # the data modules import Lightning, which only training needs (sample and evaluate start without it)
+    if rounds is not None and source.kind == "examples":
+        from gptexp.data.prompt_batches import PromptDataModule
+
+        return PromptDataModule(source.config, source.tokens, seq_len, seed=seed, iterations=rounds)
     if source.kind != "windows":
         from gptexp.data.example_batches import ExampleDataModule
 

@@ -402,6 +402,23 @@ class InstructExamples:
         except ValueError as error:  # a character the vocabulary lacks, a template the tokenizer cannot serve
             raise ConfigError(f"data=instruct: {error}") from None
 
+    def prompts(self, split: str) -> list[tuple[list[int], str, str]]:
+        """Each example of `split` as (the token ids of its prompt: the conversation up to its last answer, in the
+        template; that last request's text; the dataset's answer to it), for a policy to answer (finetune=grpo)."""
+        if self.pairs:
+            raise ConfigError("preference pairs hold answers to compare; prompts for a policy to answer come from "
+                              "instruction data (data=instruct, data=stories_instruct, ...)")
+        prompts = []
+        for conversation in self.parsed[split]:
+            *history, last = conversation.exchanges
+            open_turn = Conversation([*history, Exchange(last.user, None, last.input)], conversation.system)
+            try:
+                ids = self.template.encode(self.tokenizer, open_turn).ids
+            except ValueError as error:
+                raise ConfigError(f"data=instruct: {error}") from None
+            prompts.append((ids, last.user, last.answer))
+        return prompts
+
     def prepare(self) -> None:
         if (self.directory / "meta.json").exists():
             return

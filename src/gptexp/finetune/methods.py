@@ -33,12 +33,26 @@ class FinetuneConfig:
     quantize: str | None = None  # 4bit: QLoRA (the frozen base in NF4 through bitsandbytes)
     save_merged: bool = False  # also write the base with the adapter merged in, as a plain checkpoint
     # the objective (gptexp.finetune.objectives): what the loss is
-    objective: str = "auto"  # auto (what the data holds) | next_token | instruction | preference
-    beta: float = 0.1  # preference: the scale of the implicit reward, as TRL's DPO
+    objective: str = "auto"  # auto (what the data holds) | next_token | instruction | preference | grpo
+    beta: float = 0.1  # preference: the scale of the implicit reward, as TRL's DPO; grpo: the KL penalty's weight
     label_smoothing: float = 0.0  # preference: the assumed share of flipped labels (cDPO)
     rpo_alpha: float = 0.0  # preference: weight of the chosen answers' NLL per token beside DPO's loss (RPO); 0: DPO
     disable_dropout: bool = True  # preference: the policy without dropout too, as TRL's DPO (the reference never has)
     init_from: str | None = None  # start from this run's weights (its best checkpoint, a LoRA adapter merged in)
+    # grpo (gptexp.finetune.grpo): rollouts, rewards, advantages and the clipped loss; conf/finetune/grpo.yaml says why
+    num_generations: int = 8  # answers sampled per prompt (a group)
+    max_new_tokens: int = 256  # the longest answer; one cut there has no EOS
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    rewards: dict | None = None  # {name: {_target_: module.function, ...its arguments}}
+    reward_weights: dict | None = None  # {name: weight}; 1 for a reward not named
+    scale_rewards: str = "batch"  # batch | group | none: what divides the advantages
+    loss_type: str = "dapo"  # dapo | dr_grpo | grpo: how the tokens' losses add up
+    num_iterations: int = 1  # μ: optimizer steps on each round of rollouts
+    epsilon: float = 0.2  # the ratio's clip below, 1 - epsilon
+    epsilon_high: float | None = None  # and above, 1 + epsilon_high (null: epsilon)
+    drop_zero_std_groups: bool = False  # leave out groups whose rewards are all equal
 
     def __post_init__(self):
         if self.method not in ("full", "lora"):
@@ -54,9 +68,24 @@ class FinetuneConfig:
 
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
-        if self.beta <= 0 or not 0 <= self.label_smoothing < 0.5 or self.rpo_alpha < 0:
-            raise ValueError(f"need beta > 0, label_smoothing in [0, 0.5) and rpo_alpha >= 0; got beta={self.beta}, "
-                             f"label_smoothing={self.label_smoothing}, rpo_alpha={self.rpo_alpha}")
+        if self.beta < 0 or (self.beta == 0 and self.objective == "preference") or not 0 <= self.label_smoothing < 0.5 \
+                or self.rpo_alpha < 0:
+            raise ValueError(f"need beta > 0 (grpo: >= 0), label_smoothing in [0, 0.5) and rpo_alpha >= 0; got "
+                             f"beta={self.beta}, label_smoothing={self.label_smoothing}, rpo_alpha={self.rpo_alpha}")
+        from gptexp.finetune.grpo import LOSS_TYPES, SCALE_REWARDS
+
+        if self.loss_type not in LOSS_TYPES or self.scale_rewards not in SCALE_REWARDS:
+            raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)} and scale_rewards one of "
+                             f"{', '.join(SCALE_REWARDS)}; got {self.loss_type!r}, {self.scale_rewards!r}")
+        if self.num_generations < 2 or self.max_new_tokens < 1 or self.num_iterations < 1:
+            raise ValueError(f"need num_generations >= 2 (a group to compare), max_new_tokens >= 1 and "
+                             f"num_iterations >= 1; got {self.num_generations}, {self.max_new_tokens}, "
+                             f"{self.num_iterations}")
+        if not 0 < self.epsilon < 1 or (self.epsilon_high is not None and self.epsilon_high <= 0):
+            raise ValueError(f"need epsilon in (0, 1) and epsilon_high > 0; got {self.epsilon}, {self.epsilon_high}")
+        from gptexp.inference.generation import check_sampling
+
+        check_sampling(self.temperature, self.top_k, self.top_p)
 
 
 def apply(model: LanguageModel, cfg: Mapping[str, Any]) -> nn.Module:

@@ -10,7 +10,9 @@
   copy of the starting weights), the reward of an answer is β (log π - log π_ref) and a pair's loss is
   -(1 - ε) log σ(r_chosen - r_rejected) - ε log σ(r_rejected - r_chosen) (ε: label_smoothing, cDPO's noisy labels),
   plus α times the chosen answer's negative log-likelihood per token (α: rpo_alpha, RPO, Pang et al. 2024: it keeps
-  the chosen answers likely, where DPO alone lowers both), summed over the step's pairs and divided by their number.
+  the chosen answers likely, where DPO alone lowers both), summed over the step's pairs and divided by their number;
+- grpo: reinforcement learning on the rewards of the policy's own answers to instruction data's prompts
+  (gptexp.finetune.grpo, with its rewards in gptexp.finetune.rewards).
 
 Each objective returns what backward needs. Lightning divides it by the accumulated batches and DDP averages the
 processes' gradients: `scale` (accumulated batches x processes) undoes both for the step-normalised objectives.
@@ -18,14 +20,12 @@ processes' gradients: `scale` (accumulated batches x processes) undoes both for 
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gptexp.core.config import ConfigError
 from gptexp.inference.generation import evaluating
 
 
@@ -34,6 +34,33 @@ class StepLoss:
     loss: torch.Tensor  # what backward sees
     shown: torch.Tensor  # train/loss: this micro-batch's own mean
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def token_logps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, entropy: bool = False, temperature: float = 1.0):
+    """(rows, T) log-probability of each target of y under `model` (0 where y is -1), its logits divided by
+    `temperature` (the distribution tokens were sampled from); with `entropy`, also the entropy of that distribution
+    at each position (no gradient)."""
+    logits, _ = model(x)
+    logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logp = logp_all.gather(-1, y.clamp(min=0)[..., None]).squeeze(-1) * (y != -1)
+    if not entropy:
+        return logp
+    with torch.no_grad():
+        return logp, -(logp_all.exp() * logp_all).sum(-1)
+
+
+@torch.no_grad()
+def reference_token_logps(reference: nn.Module | None, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                          temperature: float = 1.0) -> torch.Tensor:
+    """token_logps under the reference π_ref, without dropout (in eval mode, as TRL's): `model` with its adapters
+    disabled (reference None: LoRA), else the frozen copy `reference`, which takes the policy's device and dtype
+    (trainer.precision=bf16-true makes the policy bf16 after the copy was made)."""
+    if reference is None:
+        with model.disable_adapter(), evaluating(model):
+            return token_logps(model, x, y, temperature=temperature)
+    weight = next(p for p in model.parameters() if p.is_floating_point())
+    reference.to(device=x.device, dtype=weight.dtype)
+    return token_logps(reference.eval(), x, y, temperature=temperature)
 
 
 class NextToken:
@@ -85,20 +112,10 @@ class Preference:
     @staticmethod
     def logps(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """(rows,) log-probability of each row's targets (its answer), summed over them."""
-        logits, _ = model(x)
-        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, y.clamp(min=0)[..., None]).squeeze(-1)
-        return (logp * (y != -1)).sum(-1)
+        return token_logps(model, x, y).sum(-1)
 
-    @torch.no_grad()
     def reference_logps(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The reference's log-probabilities, without dropout (in eval mode, as TRL's); a frozen copy takes the
-        policy's device and dtype (trainer.precision=bf16-true makes the policy bf16 after the copy was made)."""
-        if self.reference is None:
-            with model.disable_adapter(), evaluating(model):
-                return self.logps(model, x, y)
-        weight = next(p for p in model.parameters() if p.is_floating_point())
-        self.reference.to(device=x.device, dtype=weight.dtype)
-        return self.logps(self.reference.eval(), x, y)
+        return reference_token_logps(self.reference, model, x, y).sum(-1)
 
     def losses(self, policy: torch.Tensor, reference: torch.Tensor,
                tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -125,7 +142,7 @@ class Preference:
         return losses.mean(), torch.tensor(len(losses)), {k: v.mean() for k, v in metrics.items()}
 
 
-OBJECTIVES = ("auto", "next_token", "instruction", "preference")
+OBJECTIVES = ("auto", "next_token", "instruction", "preference", "grpo")  # grpo: gptexp.finetune.grpo
 
 
 def without_dropout(model: nn.Module) -> None:
@@ -135,27 +152,3 @@ def without_dropout(model: nn.Module) -> None:
             module.p = 0.0
         elif isinstance(getattr(module, "dropout", None), float):  # GPT-2's attention passes it to SDPA
             module.dropout = 0.0
-
-
-def build(config, model: nn.Module, data_kind: str):
-    """The objective finetune.objective names (auto: what the data holds), for `data_kind` (windows | examples |
-    pairs: gptexp.data). A preference's reference is the model with its adapters disabled (LoRA), else a frozen
-    copy of it as it is now, the starting weights."""
-    wanted = config.objective if config.objective != "auto" else {"windows": "next_token", "examples": "instruction",
-                                                                   "pairs": "preference"}[data_kind]
-    fits = {"next_token": "windows", "instruction": "examples", "preference": "pairs"}[wanted]
-    if fits != data_kind:
-        what = {"windows": "token windows of a corpus", "examples": "instruction examples (no pairs)",
-                "pairs": "preference pairs"}[data_kind]
-        need = {"next_token": "a text corpus (data=shakespeare, ...)", "instruction": "instruction data "
-                "(data=instruct, data=alpaca_cleaned, ...)", "preference": "preference pairs: (prompt, chosen, "
-                "rejected) records (data=ultrafeedback, data=stories_preferences, ...)"}[wanted]
-        raise ConfigError(f"finetune.objective={wanted} needs {need}, but the data holds {what}")
-    if wanted == "next_token":
-        return NextToken()
-    if wanted == "instruction":
-        return Instruction()
-    if config.disable_dropout:  # the policy as the reference runs: deterministic log-probabilities (TRL's default)
-        without_dropout(model)
-    reference = None if hasattr(model, "disable_adapter") else copy.deepcopy(model).eval().requires_grad_(False)
-    return Preference(config.beta, config.label_smoothing, reference, config.rpo_alpha)

@@ -61,9 +61,13 @@ class LanguageModelModule(L.LightningModule):
         if self.system is not None:
             checkpoint["gptexp_system"] = self.system
         checkpoint["skipped_steps"] = self.skipped_steps
+        if hasattr(self.objective, "state_dict"):  # grpo: the round's rollouts, which the next steps train on
+            checkpoint["gptexp_objective"] = self.objective.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
+        if hasattr(self.objective, "load_state_dict"):
+            self.objective.load_state_dict(checkpoint.get("gptexp_objective", {}))
         if nf4.is_quantized_state(checkpoint["state_dict"]):  # a QLoRA run resumes on the NF4 base it saved
             nf4.load_state(self, checkpoint["state_dict"])
 
@@ -114,7 +118,8 @@ class LanguageModelModule(L.LightningModule):
         loss, weight, metrics = self.objective.validate(self.model, batch)
         self.val_loss.update(loss, weight=weight)
         for metric, name in zip(self.val_metrics, self.objective.metric_names):
-            metric.update(metrics[name], weight=weight)
+            value, its_weight = metrics[name] if isinstance(metrics[name], tuple) else (metrics[name], weight)
+            metric.update(value, weight=its_weight)
 
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()  # synchronised across processes by torchmetrics

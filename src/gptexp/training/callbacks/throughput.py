@@ -48,7 +48,7 @@ class Throughput(L.Callback):
             start, sampled_then, tokens, samples = self.last
             self.pending.append((start, now, sampled - sampled_then, tokens, samples))
         x = batch_inputs(batch)
-        self.last = (now, sampled, x.numel(), x.size(0))
+        self.last = (now, sampled, x.numel(), x.size(0)) if x is not None else None  # prompts: no inputs counted
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self.last = None  # a step cut by validation is not counted
@@ -61,7 +61,7 @@ class Throughput(L.Callback):
         samples = sum(p[4] for p in self.pending) * trainer.world_size
         self.pending = []
         tokens_per_sec = 1e3 * tokens / ms
-        seq_len = batch_inputs(batch).size(1)
+        seq_len = batch_inputs(batch).size(1)  # a batch of prompts never gets here: self.pending stays empty
         if seq_len not in self.flops:
             self.flops[seq_len] = training_flops_per_token(pl_module.model, seq_len)
         flops = self.flops[seq_len]

@@ -1,4 +1,5 @@
-"""Where each training step's time goes: data wait, forward, backward, optimizer step; plus
+"""Where each training step's time goes: data wait, rollout (an objective that writes its own inputs, finetune=grpo),
+forward, backward, optimizer step; plus
 validation, sampling and checkpoint writes. Logged as time/<phase>_ms (means over each logging
 interval) and summarised in a table at the end of fit; time/startup_s is the wall time from the command
 (the process's start) to the first training step."""
@@ -16,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from gptexp.training.checkpoint_io import ForwardingCheckpointIO
 
-STEP_PHASES = ("data", "forward", "backward", "optimizer")  # in the order they happen
+STEP_PHASES = ("data", "rollout", "forward", "backward", "optimizer")  # in the order they happen
 
 
 def seconds_since_process_start() -> float:
@@ -66,7 +67,8 @@ class TimedCheckpointIO(ForwardingCheckpointIO):
 class PhaseTimer(L.Callback):
     """Per-step phase times from Lightning's hooks: data = end of the last step to the start of this one
     (loading, transfer, loop overhead; sampling and checkpoint writes in between are left out), forward =
-    start to backward (zero_grad, forward, loss), backward = backward to the optimizer hook, optimizer =
+    start to backward (zero_grad, forward, loss; less the rollout, which an objective with one times itself in
+    `rollout_seconds`), backward = backward to the optimizer hook, optimizer =
     clipping, step and scheduler (0 on accumulation steps). The first step and the first after each
     validation are not timed: they have no data wait of their own."""
 
@@ -99,6 +101,7 @@ class PhaseTimer(L.Callback):
             pl_module.log("time/startup_s", self.startup_s, on_step=True, on_epoch=False)
         self.marks = {"start": self.clock.mark()}
         self.marks["other_ms"] = self.other_ms(trainer) - self.other_ms_at_end  # sampled or saved since the last step
+        self.marks["rollout_s"] = getattr(getattr(pl_module, "objective", None), "rollout_seconds", None)
 
     def on_before_backward(self, trainer, pl_module, loss) -> None:
         self.marks["backward"] = self.clock.mark()
@@ -108,9 +111,12 @@ class PhaseTimer(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         end, m = self.clock.mark(), self.marks
+        rolled = m["rollout_s"] is not None
+        rollout_ms = 1e3 * (pl_module.objective.rollout_seconds - m["rollout_s"]) if rolled else 0.0
         if self.last_end is not None:  # the first step, and the first after a validation, have no data wait
             self.pending.append({"data": (self.last_end, m["start"], m["other_ms"]),
-                                 "forward": (m["start"], m.get("backward", end), 0.0),
+                                 **({"rollout": rollout_ms} if rolled else {}),
+                                 "forward": (m["start"], m.get("backward", end), rollout_ms),
                                  "backward": (m.get("backward", end), m.get("optimizer", end), 0.0),
                                  "optimizer": (m.get("optimizer", end), end, 0.0)})
         self.last_end = end
@@ -124,7 +130,8 @@ class PhaseTimer(L.Callback):
     def resolve(self) -> None:
         """Turn the marks of the steps since the last call into phase times."""
         for step in self.pending:
-            phases = {phase: max(0.0, self.clock.ms(start, end) - other) for phase, (start, end, other) in step.items()}
+            phases = {phase: marks if isinstance(marks, float) else max(0.0, self.clock.ms(marks[0], marks[1]) - marks[2])
+                      for phase, marks in step.items()}
             for phase, ms in phases.items():
                 self.record(phase, ms)
             self.record("step", sum(phases.values()))

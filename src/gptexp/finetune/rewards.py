@@ -80,7 +80,7 @@ def build(rewards: Mapping[str, Any] | None, weights: Mapping[str, Any] | None) 
             function = instantiate(dict(spec), _partial_=True)
         except InstantiationException as error:
             raise ConfigError(f"finetune.rewards.{name}: cannot import {spec['_target_']} "
-                              f"({str(error).splitlines()[-1]})") from None
+                              f"({str(error).splitlines()[-1].split(', set env var')[0]})") from None
         weight = weights.get(name, 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
             raise ConfigError(f"finetune.reward_weights.{name} must be a number, got {weight!r}")

@@ -192,7 +192,8 @@ def test_the_command_reports_the_harness_numbers_and_its_settings(model, referen
     llama = directory.parent.name.startswith("llama")
     assert results["settings"] == {"harness": lm_eval.__version__, "add_bos_token": llama,
                                    "start_token": "<s>" if llama else None, "max_length": 512 if llama else 64,
-                                   "num_fewshot": dict.fromkeys(TASKS, 0), "limit": None}
+                                   "num_fewshot": dict.fromkeys(TASKS, 0), "limit": None, "chat_template": None,
+                                   "fewshot_as_multiturn": False, "system_instruction": None}
 
 
 def test_unknown_harness_tasks_and_start_tokens_are_refused(tmp_path, monkeypatch, capfd):
@@ -207,3 +208,27 @@ def test_unknown_harness_tasks_and_start_tokens_are_refused(tmp_path, monkeypatc
         assert status == 2
         one_line_error(stderr, [message])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_chat_requests_are_written_in_the_sources_template_as_hf_writes_its_chat_template(model, tmp_path):
+    """apply_chat_template, fewshot_as_multiturn and system_instruction: gptexp's adapter writes each request in the
+    source's template (LLaMA-2's chat; plain for GPT-2), and scores it as the harness's HF backend scores the same
+    weights whose tokenizer carries that template as its Jinja chat template."""
+    directory, _, manager = model
+    ours = GptexpLM(load_source(str(directory)))
+    hf = tmp_path / "hf"
+    shutil.copytree(directory, hf)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf)
+    tokenizer.chat_template = ours.chat_template(True)
+    tokenizer.save_pretrained(hf)
+    chat = {"apply_chat_template": True, "fewshot_as_multiturn": True, "system_instruction": "Answer well.",
+            "num_fewshot": 1}
+    tasks = ["toy_mc", "toy_ll"]
+    reference = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": str(hf), "device": "cpu",
+                                                                "batch_size": 1}, tasks=tasks, task_manager=manager, bootstrap_iters=0, log_samples=True, **chat)
+    output = lm_eval.simple_evaluate(model=ours, tasks=tasks, task_manager=manager, bootstrap_iters=0,
+                                     log_samples=True, **chat)
+    assert_same(responses(output), responses(reference), "resps")
+    context = output["samples"]["toy_mc"][0]["arguments"][0][0]
+    assert context.count("Answer well.") == 1
+    assert ours.template.name == "plain" or context.startswith("<s>[INST] <<SYS>>")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_llama_real import LLAMA2C_EXPECTED
 
-from gptexp.commands.sample import TextStream
+from gptexp.data.tokenizers import TextStream
 from gptexp.core.config import asset_path
 from gptexp.data.tokenizers import gpt2_tokenizer
 from gptexp.weights import load_source

@@ -1,13 +1,15 @@
 """Templates (gptexp.data.templates): LLaMA-2's chat format is Meta's reference construction token for token,
 the answers and their EOS are what trains, and each template refuses a tokenizer it cannot serve."""
 
+import string
+
 import pytest
 from test_sample import meta_dialog_tokens
 
 from gptexp.core.config import asset_path
 from gptexp.data import templates
 from gptexp.data.templates import Conversation, Exchange
-from gptexp.data.tokenizers import CHAR_END, CharTokenizer, gpt2_tokenizer, load_tokenizer
+from gptexp.data.tokenizers import CHAR_END, CharTokenizer, encode_with_specials, gpt2_tokenizer, load_tokenizer
 
 LLAMA = load_tokenizer(asset_path("stories260K/tok512.model"))
 DIALOG = [("Tell me a story.", "Once upon a time, there was a cat."), ("  What happened next? ", " It slept. "),
@@ -69,3 +71,31 @@ def test_alpaca_and_plain_write_their_prompts():
 def test_a_template_the_tokenizer_cannot_serve_is_refused(template, tokenizer, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("?", r"\?")):
         templates.get(template).check(tokenizer)
+
+
+CHATS = [(None, [("hi there", None)]), ("", [("hi", None)]), ("Be kind.", [("a b", "c d"), ("e", None)]),
+         (None, [("a b ", " c d"), ("e\n", "f"), ("g", None)]), ("sys", [("", "x"), ("y", None)])]
+
+
+@pytest.mark.parametrize("name", list(templates.TEMPLATES))
+@pytest.mark.parametrize("tokenizer", [LLAMA, gpt2_tokenizer(), CharTokenizer.from_text(string.printable + CHAR_END)],
+                         ids=["sentencepiece", "gpt2", "characters"])
+def test_each_template_as_a_jinja_chat_template_writes_its_own_tokens(name, tokenizer):
+    """The Jinja chat template gptexp hands out (a server's /tokenizer_info, the harness's apply_chat_template) writes
+    every conversation as the text whose tokens, special tokens' texts read as those tokens, are the template's own;
+    with a default system prompt (a run's) where the messages give none."""
+    template = templates.get(name)
+    try:
+        template.check(tokenizer)
+    except ValueError:
+        pytest.skip(f"{name} cannot write with {tokenizer.name}")
+    for system, exchanges in CHATS:
+        for default in (None, "A run's own."):
+            messages = [{"role": "system", "content": system}] if system is not None else []
+            for user, answer in exchanges:
+                messages.append({"role": "user", "content": user})
+                messages += [{"role": "assistant", "content": answer}] if answer is not None else []
+            expected = template.encode(tokenizer, Conversation([Exchange(u, a) for u, a in exchanges],
+                                                               default if system is None else system)).ids
+            text = templates.render_chat(template.chat_template(tokenizer, default), messages)
+            assert encode_with_specials(tokenizer, text) == expected, (system, default, exchanges)

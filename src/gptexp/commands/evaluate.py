@@ -33,10 +33,18 @@ from gptexp.core.writing import write_atomically, writing
 from gptexp.data import DATASETS, DataConfig, HFTokens
 from gptexp.data.text_file import read_utf8
 from gptexp.data.token_files import encode_documents
+from gptexp.data.tokenizers import token_text
 from gptexp.eval.scoring import ending_logprobs, perplexity, summary
 from gptexp.inference import quantize as quantization
-from gptexp.training.loggers import (RunPlace, quiet_event_writers, require, run_place, sqlite_file,
-                                     tensorboard_directory, writable_folder)
+from gptexp.training.loggers import (
+    RunPlace,
+    quiet_event_writers,
+    require,
+    run_place,
+    sqlite_file,
+    tensorboard_directory,
+    writable_folder,
+)
 from gptexp.weights import load_source
 
 log = logging.getLogger(__name__)
@@ -187,18 +195,19 @@ def evaluate_multiple_choice(model, tokenizer, cfg: DictConfig) -> dict:
             "acc_norm": correct_norm / len(examples), "examples": len(examples)}
 
 
-def evaluate_lm_eval(model, tokenizer, cfg: DictConfig) -> dict:
-    """The harness's tasks on the model, through gptexp.eval.lm_eval_adapter; its per-task metrics."""
+def evaluate_lm_eval(source, cfg: DictConfig) -> dict:
+    """The harness's tasks on the source's model, through gptexp.eval.lm_eval_adapter; its per-task metrics."""
     try:
         import lm_eval
         from lm_eval.tasks import TaskManager
     except ImportError as error:
         raise ConfigError('task=lm_eval needs EleutherAI\'s harness: pip install -e ".[eval]"') from error
     from gptexp.eval.lm_eval_adapter import GptexpLM
-    from gptexp.weights import Source
 
-    if cfg.add_bos_token not in (None, True, False):
-        raise ConfigError(f"add_bos_token must be null, true or false, got {cfg.add_bos_token!r}")
+    for key, allowed in (("add_bos_token", "null, true or false"), ("apply_chat_template", "true or false"),
+                         ("fewshot_as_multiturn", "null, true or false")):
+        if cfg[key] not in ((None, True, False) if "null" in allowed else (True, False)):
+            raise ConfigError(f"{key} must be {allowed}, got {cfg[key]!r}")
     tasks = [cfg.tasks] if isinstance(cfg.tasks, str) else list(cfg.tasks)
     if not tasks:
         raise ConfigError("task=lm_eval needs tasks=[...]: the harness's task names, e.g. tasks=[hellaswag]")
@@ -208,17 +217,24 @@ def evaluate_lm_eval(model, tokenizer, cfg: DictConfig) -> dict:
         raise ConfigError(f"tasks={unknown}: not tasks the harness knows"
                           + ("" if cfg.include_path else "; your own task YAMLs go in include_path=<dir>"))
     try:
-        lm = GptexpLM(Source(model, tokenizer, ""), add_bos_token=cfg.add_bos_token, batch_size=cfg.batch_size)
+        lm = GptexpLM(source, add_bos_token=cfg.add_bos_token, batch_size=cfg.batch_size)
+        lm.chat_template(cfg.apply_chat_template)  # a template the tokenizer cannot write is refused now
     except ValueError as error:
         raise ConfigError(str(error)) from error
+    multiturn = cfg.apply_chat_template if cfg.fewshot_as_multiturn is None else cfg.fewshot_as_multiturn
+    if multiturn and not cfg.apply_chat_template:
+        raise ConfigError("fewshot_as_multiturn=true writes the examples as chat turns: add apply_chat_template=true")
     output = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, num_fewshot=cfg.num_fewshot,
-                                     limit=cfg.limit, log_samples=False)
+                                     limit=cfg.limit, log_samples=False, apply_chat_template=cfg.apply_chat_template,
+                                     fewshot_as_multiturn=multiturn, system_instruction=cfg.system_instruction)
     metrics = {task: {k.split(",")[0]: v for k, v in values.items() if isinstance(v, (int, float)) and "stderr" not in k}
                for task, values in output["results"].items()}
     # what changes a score, so that two results are read side by side only when they agree on it
     settings = {"harness": lm_eval.__version__, "add_bos_token": lm.add_bos_token,
-                "start_token": lm.token_text(lm.bos) if lm.add_bos_token else None, "max_length": lm.max_length,
-                "num_fewshot": dict(output.get("n-shot", {})), "limit": cfg.limit}
+                "start_token": token_text(lm.tokenizer, lm.bos) if lm.add_bos_token else None, "max_length": lm.max_length,
+                "num_fewshot": dict(output.get("n-shot", {})), "limit": cfg.limit,
+                "chat_template": lm.template.name if cfg.apply_chat_template else None,
+                "fewshot_as_multiturn": multiturn, "system_instruction": cfg.system_instruction}
     return {"task": "lm_eval", "on": ", ".join(tasks), "tasks": metrics, "settings": settings}
 
 
@@ -236,9 +252,10 @@ def evaluate(cfg: DictConfig) -> dict:
     model = source.model
     if cfg.task == "perplexity" and cfg.text is None and cfg.data.get("loader") == "instruct":
         results = evaluate_answers(model, source.tokenizer, cfg, source.template, source.system)  # as the run
+    elif cfg.task == "lm_eval":
+        results = evaluate_lm_eval(source, cfg)
     else:
-        task = {"perplexity": evaluate_perplexity, "multiple_choice": evaluate_multiple_choice,
-                "lm_eval": evaluate_lm_eval}[cfg.task]
+        task = {"perplexity": evaluate_perplexity, "multiple_choice": evaluate_multiple_choice}[cfg.task]
         results = task(model, source.tokenizer, cfg)
     held = getattr(model, "quantization", None)
     results = {"source": str(cfg.source), "model": source.description, "precision": cfg.precision,

@@ -27,7 +27,7 @@ from gptexp.core.config import CONF_DIR, ConfigError
 from gptexp.core.writing import write_atomically
 from gptexp.data import templates
 from gptexp.data.text_file import read_utf8
-from gptexp.data.tokenizers import end_of_text_ids, prompt_ids, vocabulary
+from gptexp.data.tokenizers import TextStream, continuation_text, end_of_text_ids, prompt_ids, vocabulary
 from gptexp.inference import quantize as quantization
 from gptexp.inference import speculative
 from gptexp.inference.generation import check_sampling, decode
@@ -48,29 +48,12 @@ class Completion:
     ended_by: str | None = None
 
     def update(self, tokenizer) -> str:
-        """The completion's text, decoded with its prompt (a SentencePiece word's leading space depends on
-        what precedes it) and taken past the prompt's own text."""
-        prefix = tokenizer.decode(self.prompt_ids)
-        full = tokenizer.decode(self.prompt_ids + self.ids)
-        self.text = full[len(prefix):] if full.startswith(prefix) else tokenizer.decode(self.ids)
+        self.text = continuation_text(tokenizer, self.prompt_ids, self.ids)
         return self.text
 
     def record(self) -> dict:
         return {"prompt": self.prompt, "completion": self.text, "prompt_tokens": len(self.prompt_ids),
                 "new_tokens": len(self.ids), "ended_by": self.ended_by or "max_new_tokens"}
-
-
-class TextStream:
-    """A growing text given out in pieces that are whole characters: a tail of U+FFFD (a character whose
-    bytes have not all arrived in byte tokens) is held back until it is complete."""
-
-    def __init__(self):
-        self.given = 0
-
-    def new_text(self, text: str) -> str:
-        end = len(text.rstrip("\ufffd"))
-        piece, self.given = text[self.given:end], max(self.given, end)
-        return piece
 
 
 def read_prompts(cfg: DictConfig) -> list[str]:
@@ -138,7 +121,7 @@ def sample_batch(model, tokenizer, batch: list[Completion], prompts: list[list[i
     idx = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
     pad = None if all(len(p) == width for p in prompts) else torch.tensor([width - len(p) for p in prompts])
     ends = set() if cfg.ignore_eos else end_of_text_ids(tokenizer)
-    text_stream = TextStream()
+    text_stream = TextStream(cfg.stop)
     start, first = time.perf_counter(), None
     stats = speculative.SpeculationStats()
     steps = decode(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, generator=generator,

@@ -15,9 +15,10 @@ An exchange's trained tokens are its answer and the EOS that closes it; the prom
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
-from gptexp.data.tokenizers import CHAR_END
+from gptexp.data.tokenizers import CHAR_END, token_text
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
@@ -95,6 +96,21 @@ class Template:
     def prompt_text(self, exchange: Exchange, system: str | None, index: int) -> str:
         raise NotImplementedError
 
+    JINJA = ""  # the template as a Jinja chat template over `messages` (see chat_template)
+
+    def chat_template(self, tokenizer, system: str | None = None) -> str:
+        """This template as a Jinja chat template, as HF tokenizers and OpenAI-compatible servers give one: it writes
+        a list of {role, content} messages (an optional system one first, then user and assistant in turn) as the
+        text whose tokens, special tokens' texts read as those tokens (gptexp.data.tokenizers.encode_with_specials),
+        are `encode`'s; `system` is the one used where the messages give none."""
+        literals = {"__SYSTEM__": "none" if system is None else json.dumps(system),
+                    "__BOS__": json.dumps(token_text(tokenizer, tokenizer.bos_id)),
+                    "__EOS__": json.dumps(token_text(tokenizer, end_of_answer(tokenizer)))}
+        source = JINJA_HEAD + self.JINJA
+        for name, literal in literals.items():
+            source = source.replace(name, literal)
+        return source
+
     def answer_text(self, prompt: str, answer: str) -> str:
         return answer
 
@@ -115,6 +131,19 @@ class Llama2Chat(Template):
     def answer_text(self, prompt: str, answer: str) -> str:
         return f" {answer.strip()} "
 
+    JINJA = """
+{%- for m in turns -%}
+  {%- if m.role == 'user' -%}
+    {%- set user = m.content -%}
+    {%- if loop.first and system is not none -%}
+      {%- set user = '<<SYS>>\\n' ~ system ~ '\\n<</SYS>>\\n\\n' ~ user -%}
+    {%- endif -%}
+    {{- __BOS__ ~ '[INST] ' ~ user | trim ~ ' [/INST]' -}}
+  {%- else -%}
+    {{- ' ' ~ m.content | trim ~ ' ' ~ __EOS__ -}}
+  {%- endif -%}
+{%- endfor -%}"""
+
 
 class Alpaca(Template):
     name = "alpaca"
@@ -123,6 +152,21 @@ class Alpaca(Template):
         text = (ALPACA_INPUT if exchange.input else ALPACA).format(user=exchange.user, input=exchange.input)
         text = (system + "\n\n" + text) if system else text
         return text if index == 0 else "\n\n" + text
+
+    JINJA = """
+{%- for m in turns -%}
+  {%- if m.role == 'user' -%}
+    {%- set text = __ALPACA_HEAD__ ~ m.content ~ __ALPACA_TAIL__ -%}
+    {%- if loop.first -%}
+      {{- __BOS__ ~ (system ~ '\\n\\n' if system else '') ~ text -}}
+    {%- else -%}
+      {{- '\\n\\n' ~ text -}}
+    {%- endif -%}
+  {%- else -%}
+    {{- m.content ~ __EOS__ -}}
+  {%- endif -%}
+{%- endfor -%}""".replace("__ALPACA_HEAD__", json.dumps(ALPACA.split("{user}")[0])).replace(
+        "__ALPACA_TAIL__", json.dumps(ALPACA.split("{user}")[1]))
 
 
 class Plain(Template):
@@ -136,6 +180,32 @@ class Plain(Template):
         if not prompt or prompt[-1].isspace() or answer[:1].isspace():
             return answer
         return "\n" + answer
+
+    JINJA = """
+{%- for m in turns -%}
+  {%- if m.role == 'user' -%}
+    {{- (__BOS__ if loop.first else '') ~ (system ~ '\\n' if loop.first and system else '') ~ m.content -}}
+  {%- else -%}
+    {%- set prompt = (system ~ '\\n' if loop.index0 == 1 and system else '') ~ loop.previtem.content -%}
+    {%- set joined = prompt and not prompt[-1:].isspace() and not m.content[:1].isspace() -%}
+    {{- ('\\n' if joined else '') ~ m.content ~ __EOS__ -}}
+  {%- endif -%}
+{%- endfor -%}"""
+
+
+JINJA_HEAD = """
+{%- set has_system = messages and messages[0].role in ['system', 'developer'] -%}
+{%- set system = messages[0].content if has_system else __SYSTEM__ -%}
+{%- set turns = messages[1:] if has_system else messages -%}"""
+
+
+def render_chat(chat_template: str, messages: list[dict]) -> str:
+    """A Jinja chat template (Template.chat_template) applied to `messages`, in a sandbox."""
+    from jinja2 import StrictUndefined
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    environment = ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True)
+    return environment.from_string(chat_template).render(messages=messages, add_generation_prompt=True)
 
 
 TEMPLATES: dict[str, Template] = {t.name: t for t in (Llama2Chat(), Alpaca(), Plain())}

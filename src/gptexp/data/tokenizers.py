@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import re
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -172,3 +173,55 @@ def prompt_ids(tokenizer, text: str) -> list[int]:
     if tokenizer.bos_id is not None:
         return [tokenizer.bos_id] + ids
     return ids or [tokenizer.eot_id if tokenizer.eot_id is not None else 0]
+
+
+def special_texts(tokenizer) -> dict[str, int]:
+    """The texts that stand for special tokens where a text is read as its HF tokenizer reads it: GPT-2's
+    <|endoftext|>, SentencePiece's <s> and </s>; none for characters (END_MARKER is a character like the others)."""
+    if isinstance(tokenizer, BPETokenizer):
+        return {tokenizer.decode([tokenizer.eot_id]): tokenizer.eot_id}
+    if isinstance(tokenizer, SentencePieceTokenizer):
+        ids = (i for i in (tokenizer.bos_id, tokenizer.eos_id) if i is not None)
+        return {tokenizer.processor.id_to_piece(i): i for i in ids}
+    return {}
+
+
+def token_text(tokenizer, token: int | None) -> str:
+    """The text that stands for `token` in a text read with its special tokens ("" for None)."""
+    if token is None:
+        return ""
+    return {i: text for text, i in special_texts(tokenizer).items()}.get(token) or tokenizer.decode([token])
+
+
+def encode_with_specials(tokenizer, text: str) -> list[int]:
+    """`text`'s tokens, a special token's text in it (special_texts) being that token."""
+    specials = special_texts(tokenizer)
+    if not any(special in text for special in specials):
+        return tokenizer.encode(text)
+    pattern = "(" + "|".join(map(re.escape, specials)) + ")"
+    return [i for part in re.split(pattern, text) if part
+            for i in ([specials[part]] if part in specials else tokenizer.encode(part))]
+
+
+def continuation_text(tokenizer, prompt: list[int], ids: list[int]) -> str:
+    """The text `ids` add after `prompt`: decoded with the prompt (a SentencePiece word's leading space depends on
+    what precedes it) and taken past the prompt's own text."""
+    prefix, full = tokenizer.decode(prompt), tokenizer.decode(prompt + ids)
+    return full[len(prefix):] if full.startswith(prefix) else tokenizer.decode(ids)
+
+
+class TextStream:
+    """A growing text given out in pieces that are whole characters: a tail of U+FFFD (a character whose bytes
+    have not all arrived in byte tokens) is held back until it is complete, and so is a tail that may be the start
+    of one of `stops` (the strings that will end the text, never given out)."""
+
+    def __init__(self, stops: list[str] | tuple[str, ...] = ()):
+        self.given = 0
+        self.stops = stops
+
+    def new_text(self, text: str) -> str:
+        end = len(text.rstrip("\ufffd"))
+        end -= max((size for stop in self.stops for size in range(1, len(stop))
+                    if text[:end].endswith(stop[:size])), default=0)
+        piece, self.given = text[self.given:end], max(self.given, end)
+        return piece

@@ -29,6 +29,8 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
+from gptexp.data import templates
+from gptexp.data.tokenizers import encode_with_specials, token_text
 from gptexp.inference.generation import decode
 from gptexp.weights import Source
 
@@ -51,9 +53,8 @@ class GptexpLM(TemplateLM):
         self.bos = bos if bos is not None else self.tokenizer.eot_id  # GPT-2's BOS token is <|endoftext|>
         self.eos = eos if eos is not None else self.tokenizer.eot_id
         self.add_bos_token = bos is not None if add_bos_token is None else add_bos_token
-        # GPT-2's <|endoftext|> written in a text is that token to its HF tokenizer, text to gptexp's BPE
-        eot = self.tokenizer.eot_id
-        self.special_text = None if eot is None else self.tokenizer.decode([eot])
+        self.template = templates.get(source.template or templates.default_for(self.tokenizer))
+        self.system = source.system  # an instruction run's system prompt: its chats' default
         if self.add_bos_token and self.bos is None:
             raise ValueError(f"add_bos_token=true, but the tokenizer {self.tokenizer.name} has no BOS or end-of-text "
                              f"token; use add_bos_token=false")
@@ -75,14 +76,35 @@ class GptexpLM(TemplateLM):
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
         add = self.add_bos_token if add_special_tokens is None else add_special_tokens
+        if add_special_tokens is None and self.bos is not None and string.startswith(token_text(self.tokenizer,
+                                                                                                self.bos)):
+            add = False  # a chat template's text starts with its own BOS (as HFLM reads it)
         return ([self.bos] if add and self.bos is not None else []) + self.encode(string)
 
     def encode(self, text: str) -> list[int]:
-        """`text`'s tokens as the model's HF tokenizer reads it: an end-of-text token's text in it is that token."""
-        if not self.special_text or self.special_text not in text:
-            return self.tokenizer.encode(text)
-        first, *rest = text.split(self.special_text)
-        return self.tokenizer.encode(first) + [i for part in rest for i in (self.tokenizer.eot_id, *self.tokenizer.encode(part))]
+        """`text`'s tokens as the model's HF tokenizer reads it: a special token's text in it (GPT-2's
+        <|endoftext|>, SentencePiece's <s> and </s>) is that token."""
+        return encode_with_specials(self.tokenizer, text)
+
+    @property
+    def tokenizer_name(self) -> str:
+        return f"gptexp-{self.tokenizer.name}-{self.template.name}"
+
+    def chat_template(self, chat_template: bool | str = False) -> str:
+        """The source's template (an instruction run's own, else LLaMA-2's chat for a LLaMA tokenizer, plain for
+        others) as a Jinja chat template, with the run's system prompt as its default; "" when not asked for."""
+        if not chat_template:
+            return ""
+        self.template.check(self.tokenizer)
+        return self.template.chat_template(self.tokenizer, self.system)
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The harness's chat (system instruction, examples as turns with fewshot_as_multiturn, the request) as the
+        text the source's template writes; its special tokens' texts are read back as those tokens."""
+        if not add_generation_prompt:
+            raise ValueError(f"the task continues an assistant message (gen_prefix), which template="
+                             f"{self.template.name} cannot write: every answer it writes is closed")
+        return templates.render_chat(self.chat_template(True), chat_history)
 
     @torch.inference_mode()
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
@@ -118,7 +140,7 @@ class GptexpLM(TemplateLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         results = []
-        eos_text = None if self.eos is None else self.token_text(self.eos)
+        eos_text = None if self.eos is None else token_text(self.tokenizer, self.eos)
         for request in tqdm(requests, desc="generate_until", leave=False, disable=disable_tqdm):
             context, options = request.args
             options = normalize_gen_kwargs(options, self.max_gen_toks)
@@ -159,8 +181,3 @@ class GptexpLM(TemplateLM):
                 break
         steps.close()
         return self.tokenizer.decode(new)
-
-    def token_text(self, token: int) -> str:
-        """A special token's own text (SentencePiece's decode() leaves control tokens out): </s>, <|endoftext|>."""
-        processor = getattr(self.tokenizer, "processor", None)
-        return processor.id_to_piece(token) if processor is not None else self.tokenizer.decode([token])

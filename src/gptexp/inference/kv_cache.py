@@ -53,6 +53,45 @@ class KVCache:
             self.pad = self.pad.repeat_interleave(times)
         self._mask = None
 
+    def shift(self, by: int) -> None:
+        """Move every row's positions `by` to the right (left where negative), the padding growing or shrinking
+        alike, so that each row's tokens keep their positions (continuous batching: gptexp.inference.batching)."""
+        if by > 0 and self.length + by > self.max_len or by < 0 and (self.pad is None or -by > int(self.pad.min())):
+            raise ValueError(f"cannot shift the cache's {self.length} positions by {by}: only padding may leave it, "
+                             f"and it holds {self.max_len}")
+        if by and self.length:
+            span, source = slice(max(by, 0), self.length + by), slice(max(-by, 0), self.length)
+            self.keys[:, :, :, span] = self.keys[:, :, :, source].clone()
+            self.values[:, :, :, span] = self.values[:, :, :, source].clone()
+        self.length += by
+        self.pad = (self.pad if self.pad is not None else torch.zeros(self.keys.size(1), dtype=torch.long,
+                                                                       device=self.keys.device)) + by
+        self._mask = None
+
+    def append(self, other: KVCache, times: int = 1) -> None:
+        """Add `other`'s rows (each `times` times) after this cache's, their positions aligned at the right end:
+        `other` may hold no more positions than this cache."""
+        if other.length > self.length:
+            raise ValueError(f"a cache of {other.length} positions cannot join one of {self.length}: shift it first")
+        offset = self.length - other.length
+        shape = list(self.keys.shape)
+        shape[1] = other.keys.size(1) * times
+        keys, values = self.keys.new_zeros(shape), self.values.new_zeros(shape)
+        keys[:, :, :, offset:self.length] = other.keys[:, :, :, :other.length].repeat_interleave(times, dim=1)
+        values[:, :, :, offset:self.length] = other.values[:, :, :, :other.length].repeat_interleave(times, dim=1)
+        other_pad = (other.pad if other.pad is not None else torch.zeros(other.keys.size(1), dtype=torch.long))
+        pad = other_pad.to(self.keys.device).repeat_interleave(times) + offset
+        self.keys, self.values = torch.cat([self.keys, keys], dim=1), torch.cat([self.values, values], dim=1)
+        self.pad = pad if self.pad is None else torch.cat([self.pad, pad])
+        self._mask = None
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only `rows` (indices, in that order)."""
+        self.keys, self.values = self.keys[:, rows], self.values[:, rows]
+        if self.pad is not None:
+            self.pad = self.pad[rows]
+        self._mask = None
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, H, T, D) at positions [length, length + T); return all positions so far."""
         end = self.length + k.size(2)

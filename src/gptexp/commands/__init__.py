@@ -17,4 +17,5 @@ COMMANDS = {
     "export": "write a GPT-2 as llm.c's model file or an HF directory",
     "verify": "check a GPT-2 against llm.c's model + debug state",
     "prepare": "write a dataset as llm.c's token shards",
+    "serve": "answer OpenAI's API and a chat page with any model",
 }

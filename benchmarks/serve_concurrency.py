@@ -76,12 +76,11 @@ def round_of(url: str, name: str, clients: int, tokens: int) -> tuple[float, lis
 
 
 def random_gpt2(directory: Path) -> Path:
-    from gptexp.data.tokenizers import gpt2_tokenizer
     from gptexp.models.gpt2 import GPT2, GPT2Config
     from gptexp.weights import save_hf
 
     torch.manual_seed(0)
-    save_hf(GPT2(GPT2Config()), gpt2_tokenizer(), directory)
+    save_hf(GPT2(GPT2Config()), directory)
     return directory
 
 

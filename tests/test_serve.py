@@ -105,6 +105,12 @@ def test_the_openai_client_lists_chats_and_streams(server, client, tmp_path):
     assert "".join(pieces) == answer  # the stream is the unstreamed greedy text
     assert reasons[-1] == chat.choices[0].finish_reason and not any(reasons[:-1])
     assert usage.completion_tokens == chat.usage.completion_tokens and usage.prompt_tokens == chat.usage.prompt_tokens
+    scored = client.chat.completions.create(model=NAME, messages=messages, temperature=0, max_tokens=8, logprobs=True,
+                                            top_logprobs=2)
+    tokens = scored.choices[0].logprobs.content
+    assert "".join(t.token for t in tokens).lstrip() == scored.choices[0].message.content == answer[:len(
+        scored.choices[0].message.content)]
+    assert len(tokens) == 8 and all(len(t.top_logprobs) == 2 and t.logprob == t.top_logprobs[0].logprob for t in tokens)
 
 
 def test_a_completion_echoes_the_prompt_with_the_models_logprobs(client, stories):

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from gptexp.inference.generation import check_sampling, evaluating, sample_next
+from gptexp.inference.generation import check_sampling, evaluating, onednn_linears, sample_next
 from gptexp.inference.kv_cache import KVCache
 
 log = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ class Batcher:
             self.thread.join()
 
     def run(self) -> None:
-        with evaluating(self.model):
+        with evaluating(self.model), onednn_linears(self.model, self.max_batch):  # as decode() runs a batch
             while self.turn(wait=True):
                 pass
 
@@ -234,14 +234,20 @@ class Batcher:
             self.join(cache, going)
 
     def join(self, cache: KVCache, rows: list[Row]) -> None:
-        """Add `rows`, which continue the one prompt held by `cache`, to the batch cache."""
+        """Add `rows`, which continue the one prompt held by `cache`, to the batch cache (made as long as needed, up
+        to the context, so that rows join and leave by copying what they hold, not the whole context)."""
         if self.cache is None or not self.rows:
-            self.cache = self.model.new_kv_cache(0, self.model.context_length, torch.zeros(0, dtype=torch.long))
+            self.cache = self.model.new_kv_cache(0, 0, torch.zeros(0, dtype=torch.long, device=self.device))
         shared, length = self.cache, cache.length
+        shared.grow(self.room(max(shared.length, length) + 1))
         if shared.length < length:
             shared.shift(length - shared.length)
         shared.append(cache, len(rows))
         self.rows += rows
+
+    def room(self, needed: int) -> int:
+        """A cache length holding `needed` positions: doubled from the needed one, up to the context."""
+        return min(self.model.context_length, max(64, 2 * needed))
 
     def leave(self) -> None:
         """Take the rows that finished or were cancelled out of the batch."""
@@ -258,8 +264,11 @@ class Batcher:
     def step(self) -> None:
         """One new token for every row."""
         cache = self.cache
-        if cache.length == cache.max_len:  # full: drop the padding every row has
-            cache.shift(-int(cache.pad.min()))
+        if cache.length == cache.max_len:  # full: more room, or at the context drop the padding every row has
+            if cache.max_len < self.model.context_length:
+                cache.grow(self.room(cache.length + 1))
+            else:
+                cache.shift(-int(cache.pad.min()))
         x = torch.tensor([[row.next] for row in self.rows], device=self.device)
         logits, _ = self.model(x, cache=cache)
         for row, row_logits in zip(self.rows, logits[:, -1]):

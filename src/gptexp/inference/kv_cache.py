@@ -68,6 +68,15 @@ class KVCache:
                                                                        device=self.keys.device)) + by
         self._mask = None
 
+    def grow(self, max_len: int) -> None:
+        """Room for `max_len` positions (a batch cache that starts small and grows as its rows do)."""
+        if max_len > self.max_len:
+            shape = (*self.keys.shape[:3], max_len, self.keys.size(4))
+            keys, values = self.keys.new_zeros(shape), self.values.new_zeros(shape)
+            keys[:, :, :, :self.length], values[:, :, :, :self.length] = self.keys[:, :, :, :self.length], \
+                self.values[:, :, :, :self.length]
+            self.keys, self.values, self.max_len = keys, values, max_len
+
     def append(self, other: KVCache, times: int = 1) -> None:
         """Add `other`'s rows (each `times` times) after this cache's, their positions aligned at the right end:
         `other` may hold no more positions than this cache."""

@@ -311,3 +311,28 @@ def test_lm_evals_local_completions_scores_through_the_server_as_evaluate_does(s
                      f"include_path={tasks}", "add_bos_token=false", "logger=none", f"hydra.run.dir={tmp_path / 'e'}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert_same(json.loads((tmp_path / "e" / "results.json").read_text())["tasks"], metrics(served), "results.json")
+
+
+def test_stop_strings_end_the_answer_before_them_streamed_or_not(client):
+    ask = dict(model=NAME, prompt="Once upon a time", max_tokens=60, temperature=0, stop=[" girl", "\n\n"])
+    whole = client.completions.create(**ask).choices[0]
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**ask, stream=True) if c.choices)
+    assert whole.finish_reason == "stop" and whole.text == ", there was a little" == streamed  # " girl" never sent
+
+
+def test_a_chat_starts_with_the_runs_saved_system_prompt_unless_the_messages_give_one(stories):
+    """An instruction run saves its template and system prompt (data.system); the server writes chats as it trained."""
+    from gptexp.data import templates
+    from gptexp.serving.app import Served, conversation
+    from gptexp.serving.protocol import Message
+    from gptexp.weights import Source
+
+    run = Source(stories.model, stories.tokenizer, "an instruction run", template="llama2_chat", system="Be kind.")
+    served = Served("run", run, batcher=None)
+    template = templates.get("llama2_chat")
+    user = [Message(role="user", content="Tell me a story.")]
+    assert conversation(served, user) == templates.prompt_ids(template, stories.tokenizer, [], "Tell me a story.",
+                                                              "Be kind.")
+    own = [Message(role="system", content=[{"type": "text", "text": "Be brief."}]), *user]
+    assert conversation(served, own) == templates.prompt_ids(template, stories.tokenizer, [], "Tell me a story.",
+                                                             "Be brief.")

@@ -238,6 +238,15 @@ def test_a_steps_gradient_is_the_same_however_it_is_split(stories, tmp_path):
                                                                                        key=lambda kv: kv[1]))
 
 
+def test_the_bundled_rewards_score_by_hand():
+    requests = ["Write a story that uses the words: dog, ball, happy.", "Tell me a joke."]
+    assert rewards.requested_words(requests, ["The Dog had a ball-shaped hat.", "dog"]) == [2 / 3, None]
+    assert rewards.ends_with_eos(ended=[True, False]) == [1.0, 0.0]
+    # 8 word 4-grams, 4 of them repeats ("a b c d" and its shifts, seen before); under 4 words: nothing repeats
+    assert rewards.fresh_ngrams(["a b c d a b c d a b c", "a b c", "The cat sat on the mat."]) == [4 / 8, 1.0, 1.0]
+    assert rewards.fresh_ngrams(["x y x y x y"], n=2) == [2 / 5]
+
+
 @pytest.mark.parametrize("function,message", [
     ("raising_reward", "raised KeyError: 'score'; fix it, or remove it from finetune.rewards"),
     ("nan_reward", "returned nan for completion 1; a reward is a finite number, or None to abstain"),

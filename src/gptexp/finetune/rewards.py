@@ -45,6 +45,17 @@ def requested_words(prompts: list[str], completions: list[str], **_) -> list[flo
     return scores
 
 
+def fresh_ngrams(completions: list[str], n: int = 4, **_) -> list[float]:
+    """1 minus the share of the completion's word n-grams that repeat an earlier one of it (1: no n-gram twice; a
+    loop of one sentence approaches 0); 1 for a completion of fewer than n words."""
+    scores = []
+    for text in completions:
+        words = re.findall(r"\w+", text.lower())
+        grams = list(zip(*(words[i:] for i in range(n))))
+        scores.append(len(set(grams)) / len(grams) if grams else 1.0)
+    return scores
+
+
 def ends_with_eos(ended: list[bool], **_) -> list[float]:
     """1 for a completion that ended with EOS (it finished its answer), 0 for one cut at max_new_tokens."""
     return [float(e) for e in ended]

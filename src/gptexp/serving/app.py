@@ -325,9 +325,16 @@ def build_app(served: Served) -> FastAPI:
         prompts = prompt_tokens(served, body.prompt)
         if body.stream and (body.echo or len(prompts) > 1):
             raise APIError(400, "stream=true answers one prompt without echo", param="stream")
-        stops = body.stops()
-        jobs = [Job(served, p, body, fitting(served, p, body.max_tokens, "prompt"), stops, body.logprobs,
-                    prompt_logprobs=body.echo and body.logprobs is not None) for p in prompts]
+        stops, budgets = body.stops(), [fitting(served, p, body.max_tokens, "prompt") for p in prompts]
+        jobs = []
+        try:
+            for prompt, budget in zip(prompts, budgets):
+                jobs.append(Job(served, prompt, body, budget, stops, body.logprobs,
+                                prompt_logprobs=body.echo and body.logprobs is not None))
+        except APIError:
+            for job in jobs:  # the request is refused whole: nothing of it goes on decoding
+                job.request.cancel()
+            raise
         head = {"id": new_id("cmpl"), "created": int(time.time()), "model": served.name}
         if body.stream:
             return StreamingResponse(stream_completion(jobs[0], head, body), media_type="text/event-stream")

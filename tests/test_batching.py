@@ -6,7 +6,7 @@ import torch
 
 from gptexp.core.config import asset_path
 from gptexp.data.tokenizers import prompt_ids
-from gptexp.inference.batching import Batcher, Finished, Request, Token
+from gptexp.inference.batching import Batcher, Failed, Finished, Request, Token
 from gptexp.inference.generation import decode
 from gptexp.weights import load_source
 
@@ -112,3 +112,40 @@ def test_requests_the_model_cannot_answer_are_refused_before_they_queue(stories,
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         batcher.submit(Request(**arguments))
     assert not batcher.waiting
+
+
+def test_a_failure_in_the_decoder_ends_its_requests_with_an_error_and_the_next_ones_are_answered(stories):
+    """A forward pass that raises (here: one made to, as a bug or no memory left would) fails the requests in the
+    decoder, with the error; the decoder goes on and answers the next request."""
+    import threading
+
+    model, tokenizer = stories.model, stories.tokenizer
+    batcher = Batcher(model, max_batch=4).start()
+    forward, calls = model.forward, []
+
+    def failing_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory")
+        return forward(*args, **kwargs)
+
+    events, ended = [], threading.Event()
+
+    def listener(event):
+        events.append(event)
+        if isinstance(event, (Failed, Finished)):
+            ended.set()
+
+    model.forward = failing_once
+    prompt = prompt_ids(tokenizer, "Tom")
+    try:
+        batcher.submit(Request(prompt, 50, listener, temperature=0.0))
+        assert ended.wait(30) and events[-1] == Failed("RuntimeError: out of memory")
+        events.clear()
+        ended.clear()
+        batcher.submit(Request(prompt, 20, listener, temperature=0.0))
+        assert ended.wait(30) and events[-1] == Finished(0, "length")
+        assert [e.id for e in events if isinstance(e, Token)] == alone(model, prompt, 20, temperature=0.0)
+    finally:
+        model.forward = forward
+        batcher.close()

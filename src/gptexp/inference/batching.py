@@ -46,6 +46,13 @@ class Finished:
 
 
 @dataclass
+class Failed:
+    """The decoder failed while the request was in it (a bug, or no memory left): every choice of it has ended."""
+
+    message: str
+
+
+@dataclass
 class PromptLogprobs:
     """Each prompt token's log-probability after the ones before it (the first has none), and its top tokens."""
 
@@ -185,8 +192,22 @@ class Batcher:
 
     def run(self) -> None:
         with evaluating(self.model), onednn_linears(self.model, self.max_batch):  # as decode() runs a batch
-            while self.turn(wait=True):
-                pass
+            while True:
+                try:
+                    if not self.turn(wait=True):
+                        return
+                except Exception as error:  # noqa: BLE001 - a failure must not leave every request waiting forever
+                    log.exception("decoding failed; the requests in the decoder end with an error, the next go on")
+                    self.fail(f"{type(error).__name__}: {error}")
+
+    def fail(self, message: str) -> None:
+        """End every request in the decoder, and those waiting, with Failed; start again from an empty batch."""
+        with self.changed:
+            requests = list(dict.fromkeys([row.request for row in self.rows] + list(self.waiting)))
+            self.waiting.clear()
+        self.rows, self.cache = [], None
+        for request in requests:
+            request.listener(Failed(message))
 
     @torch.inference_mode()
     def turn(self, wait: bool = False) -> bool:

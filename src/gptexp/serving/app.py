@@ -123,6 +123,10 @@ class Job:
             if isinstance(event, batching.PromptLogprobs):
                 self.prompt_logprobs = event
                 continue
+            if isinstance(event, batching.Failed):
+                for choice in self.choices:
+                    choice.finish_reason = choice.finish_reason or "error"
+                raise APIError(500, f"decoding failed: {event.message}", kind="server_error")
             choice = self.choices[event.index]
             if choice.finish_reason:  # ended by a stop string while the batcher went on
                 continue
@@ -366,6 +370,8 @@ async def stream_chat(job: Job, head: dict, body: ChatRequest) -> AsyncIterator[
             yield sse(chunk | {"choices": [], "usage": job.usage()})
         yield sse("[DONE]")
         job.record("chat, streamed")
+    except APIError as error:  # the decoder failed after the headers went: the error object is the last event
+        yield sse(error.body())
     finally:
         if not all(c.finish_reason for c in job.choices):  # the client went away: stop decoding for it
             job.request.cancel()
@@ -381,6 +387,8 @@ async def stream_completion(job: Job, head: dict, body: CompletionRequest) -> As
             yield sse(chunk | {"choices": [], "usage": job.usage()})
         yield sse("[DONE]")
         job.record("completions, streamed")
+    except APIError as error:
+        yield sse(error.body())
     finally:
         if not all(c.finish_reason for c in job.choices):
             job.request.cancel()

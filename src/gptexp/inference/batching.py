@@ -13,6 +13,7 @@ batch size).
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -29,7 +30,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Token:
-    """A chosen token of choice `index`, with its log-probability and, where asked, the most likely tokens'."""
+    """A chosen token of choice `index`, with its log-probability (NaN where not asked for) and, where asked, the most
+    likely tokens'."""
 
     index: int
     id: int
@@ -74,7 +76,7 @@ class Request:
     seed: int | None = None  # choice i samples from a generator seeded seed + i (None: unseeded)
     n: int = 1
     end_ids: frozenset[int] = frozenset()  # tokens that end a choice ("stop"); not given out
-    top_logprobs: int | None = None  # None: no top tokens; k: each new token's k most likely
+    top_logprobs: int | None = None  # None: no log-probabilities (Token.logprob NaN); k: each token's and k most likely
     prompt_logprobs: bool = False
     stopped: set[int] = field(default_factory=set)  # choices to end at the next step (a stop string was written)
     cancelled: bool = False
@@ -104,12 +106,16 @@ class Row:
         """Pick the next token from this row's logits (V,), tell the listener, and end the row where it ends."""
         request = self.request
         token = int(sample_next(logits[None], request.temperature, request.top_k, request.top_p, self.generator))
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
         self.made += 1
         if token in request.end_ids:
             self.finish("stop")
             return
-        request.listener(Token(self.index, token, float(logprobs[token]), top_tokens(logprobs, request.top_logprobs)))
+        if request.top_logprobs is None:  # log-probabilities not asked for: none computed (a softmax a row a step)
+            request.listener(Token(self.index, token, math.nan))
+        else:
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            request.listener(Token(self.index, token, float(logprobs[token]), top_tokens(logprobs,
+                                                                                          request.top_logprobs)))
         self.next = token
         if self.made >= request.max_new_tokens:
             self.finish("length")

@@ -166,6 +166,32 @@ def test_rollouts_read_each_prompt_once_and_fan_out(stories):
         decode(model, idx, 6, fan_out=2, use_cache=False)
 
 
+def test_rows_leave_the_batch_at_their_end_token(stories):
+    """decode(ends=...): a row that chooses an end token leaves the batch (the forward passes shrink), its later
+    columns repeat that token, and the rows that go on choose what they would have beside it."""
+    tok, model = stories.tokenizer, stories.model
+    prompts = [tok.encode("Once upon a time"), tok.encode("Tom had a big red"), tok.encode("The sun")]
+    width = max(map(len, prompts))
+    idx = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    pad = torch.tensor([width - len(p) for p in prompts])
+    plain = torch.cat(list(decode(model, idx, 16, temperature=0, pad=pad)), dim=1)
+    end = plain[0, 3].item()  # row 0 ends by its 4th token; each other row where it chooses that token, if it does
+    cuts = [(r == end).nonzero()[0].item() + 1 if (r == end).any() else r.numel() for r in plain]
+    rows = []
+    hook = model.register_forward_pre_hook(lambda _, args, kwargs: rows.append(args[0].size(0)), with_kwargs=True)
+    try:
+        ended = torch.cat(list(decode(model, idx, 16, temperature=0, pad=pad, ends={end})), dim=1)
+    finally:
+        hook.remove()
+    assert rows[0] == 3 and min(rows) < 3
+    assert ended.size(1) == max(cuts)  # decoding stops once every row has ended
+    for row, cut in enumerate(cuts):
+        assert torch.equal(ended[row, :cut], plain[row, :cut])
+        assert (ended[row, cut:] == end).all()
+    with pytest.raises(ValueError, match="end token"):
+        decode(model, idx, 16, pad=None, use_cache=False, ends={end})
+
+
 def split_step(rank: int, world: int, port: int, path: str, answers, batch, loss_types) -> None:
     """One process of a DDP step: its half of the prompts' fixed answers, the gradient DDP averages, saved by rank 0."""
     import torch.distributed as dist

@@ -113,16 +113,14 @@ class GRPO:
         idx = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
         pad = torch.tensor([width - len(p) for p in prompts], device=device)
         steps = decode(model, idx, min(self.config.max_new_tokens, room - width), temperature, self.config.top_k,
-                       self.config.top_p, generator=generator, pad=pad if pad.any() else None, fan_out=fan_out)
+                       self.config.top_p, generator=generator, pad=pad if pad.any() else None, fan_out=fan_out,
+                       ends=self.ends)  # a finished answer leaves the batch: the rest decode as a smaller one
         answers, done = [[] for _ in range(len(prompts) * fan_out)], [False] * (len(prompts) * fan_out)
         for column in steps:
             for row, token in enumerate(column[:, 0].tolist()):
                 if not done[row]:
                     answers[row].append(token)
                     done[row] = token in self.ends
-            if all(done):
-                break
-        steps.close()
         return [(ids, bool(ids) and ids[-1] == self.eos) for ids in answers]
 
     def score(self, requests: list[str], references: list[str], answers: list[tuple[list[int], bool]]

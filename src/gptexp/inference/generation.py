@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Generator, Iterator
 
 import psutil
 import torch
@@ -160,19 +160,23 @@ def decode(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, tempe
            top_k: int | None = None, top_p: float | None = None, *, use_cache: bool = True,
            generator: torch.Generator | None = None, pad: torch.Tensor | None = None,
            proposer: speculative.Proposer | None = None, stats: speculative.SpeculationStats | None = None,
-           fan_out: int = 1) -> Iterator[torch.Tensor]:
+           fan_out: int = 1, ends: Collection[int] | None = None) -> Iterator[torch.Tensor]:
     """`generate` one step at a time: yields each new column of tokens (B, 1) as soon as it is chosen, so a
     caller can stream them or stop early (closing the iterator restores the model's mode). Prompts of
     different lengths decode in one batch left-padded, `pad` (B,) counting each row's padding tokens; such a
     batch decodes with the KV cache and within the context. With a `proposer` (gptexp.inference.speculative) the
     KV cache checks its proposals several tokens a forward pass, with the same result; `stats` counts how it
     went. With `fan_out` n each prompt is read once (one prefill) and continued n ways: the columns then have
-    B·n rows, prompt b's continuations being rows b·n ... b·n + n - 1."""
+    B·n rows, prompt b's continuations being rows b·n ... b·n + n - 1. With `ends` (token ids) a row is done at
+    the first of them it chooses: it leaves the batch, which decodes on without it (a sampling batch's random
+    draws then differ from those of a batch that keeps it), its later columns repeat that token, and decoding
+    stops once every row is done."""
     check_sampling(temperature, top_k, top_p)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if idx.dim() != 2 or idx.size(1) == 0:
-        raise ValueError(f"prompt must be a (batch, tokens) tensor with at least one token, got shape {tuple(idx.shape)}")
+        raise ValueError(f"prompt must be a (batch, tokens) tensor with at least one token, got shape "
+                         f"{tuple(idx.shape)}")
     context = model.context_length
     if idx.size(1) > context:
         raise ValueError(f"prompt has {idx.size(1)} tokens but the model's context is {context}; "
@@ -186,8 +190,12 @@ def decode(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, tempe
                                         or idx.size(1) + max_new_tokens > context)):
         raise ValueError(f"fan_out={fan_out}: continuations of one prefill need fan_out >= 1, the KV cache, no "
                          f"proposer, and room in the context for every new token")
-    return _decode(model, idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator, pad, proposer,
-                   stats if stats is not None else speculative.SpeculationStats(), fan_out)
+    if ends is not None and (proposer is not None or not use_cache or idx.size(1) + max_new_tokens > context):
+        raise ValueError("rows that leave the batch at an end token need the KV cache, no proposer, and room in "
+                         "the context for every new token")
+    steps = _decode(model, idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator, pad, proposer,
+                    stats if stats is not None else speculative.SpeculationStats(), fan_out)
+    return steps if ends is None else _until_ends(steps, ends)
 
 
 def _decode(model, idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator, pad, proposer,
@@ -206,7 +214,9 @@ def _decode(model, idx, max_new_tokens, temperature, top_k, top_p, use_cache, ge
             cache.repeat_rows(fan_out)
             new = sample_next(logits[:, -1].repeat_interleave(fan_out, 0), temperature, top_k, top_p, generator)
             out = torch.cat([idx.repeat_interleave(fan_out, 0), new], dim=1)
-            yield new
+            if (keep := (yield new)) is not None:
+                new, out = new[keep], out[keep]
+                cache.keep_rows(keep.nonzero().squeeze(1))
         if proposer is not None:
             for column in _speculate(model, idx, max_new_tokens, temperature, top_k, top_p, generator, pad,
                                      proposer, stats, cache):
@@ -225,7 +235,34 @@ def _decode(model, idx, max_new_tokens, temperature, top_k, top_p, use_cache, ge
                 logits, _ = model(new, cache=cache)
             new = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
             out = torch.cat([out, new], dim=1)
-            yield new
+            if (keep := (yield new)) is not None:  # sent by _until_ends: the rows that go on
+                new, out = new[keep], out[keep]
+                cache.keep_rows(keep.nonzero().squeeze(1))
+
+
+def _until_ends(steps: Generator[torch.Tensor, torch.Tensor | None, None], ends: Collection[int]
+                ) -> Iterator[torch.Tensor]:
+    """decode's columns with `ends`: after each column, the rows that chose an end token leave `steps`' batch (sent
+    to it as the mask of the rows that go on); the columns keep every row, a finished one repeating its end."""
+    ends = torch.tensor(sorted(ends), dtype=torch.long)
+    try:
+        new = next(steps)
+        column, active = new, torch.arange(new.size(0), device=new.device)
+        while True:
+            yield column
+            done = torch.isin(new[:, 0], ends.to(new.device))
+            if done.all():
+                return
+            keep = ~done if done.any() else None
+            if keep is not None:
+                active = active[keep]
+            new = steps.send(keep)
+            column = column.clone()
+            column[active] = new
+    except StopIteration:
+        return
+    finally:
+        steps.close()
 
 
 def _speculate(model, idx, max_new_tokens, temperature, top_k, top_p, generator, pad, proposer, stats,

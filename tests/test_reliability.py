@@ -84,6 +84,19 @@ def test_sigterm_stops_with_a_checkpoint_that_resumes(tmp_path):
     assert saved_step(last) == step + 5
 
 
+def test_last_ckpt_is_the_last_validation_even_when_it_is_not_the_best(tmp_path):
+    """best.ckpt holds the best validation, last.ckpt the last one, whichever is better (Lightning 2.6's own
+    ModelCheckpoint writes last.ckpt only beside a new best)."""
+    # val/loss falls as the model trains: under mode=max the first validation stays the best
+    run = train("best.metric=val/loss", "best.mode=max", "logger=csv", run_dir=tmp_path / "run")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert [step for step, _ in column(metrics(tmp_path / "run"), "val/loss")] == [19, 39]
+    assert saved_step(tmp_path / "run" / "checkpoints" / "best.ckpt") == 20
+    assert saved_step(tmp_path / "run" / "checkpoints" / "last.ckpt") == 40
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["callbacks"]
+    assert any(key.startswith("ModelCheckpoint{") for key in state)  # the key of runs written before the fix
+
+
 def test_a_kill_during_a_save_leaves_the_last_good_checkpoint(tmp_path):
     path = tmp_path / "last.ckpt"
     checkpoints.save_atomically({"version": "good", "w": torch.ones(3)}, path)

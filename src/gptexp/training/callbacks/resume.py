@@ -1,7 +1,8 @@
 """What makes a resumed run the run that never stopped, and a stopped run resumable: every RNG state and
-the wandb run id travel in the checkpoint; last.ckpt is written on a schedule, and SIGTERM and Ctrl-C end
-the run after the step under way with one. (Optimizer, scheduler, scaler, step counters and the data
-position are Lightning's and the data module's to restore; metrics.csv and samples.md, callbacks.history's.)"""
+the wandb run id travel in the checkpoint; last.ckpt is written after every validation and on a schedule, and
+SIGTERM and Ctrl-C end the run after the step under way with one. (Optimizer, scheduler, scaler, step counters
+and the data position are Lightning's and the data module's to restore; metrics.csv and samples.md,
+callbacks.history's.)"""
 
 from __future__ import annotations
 
@@ -87,6 +88,30 @@ def saves_last(trainer: L.Trainer, path: str) -> bool:
     return any(isinstance(c, ModelCheckpoint) and c.save_last and c.dirpath
                and os.path.join(c.dirpath, c.CHECKPOINT_NAME_LAST + c.FILE_EXTENSION) == path
                for c in trainer.callbacks)
+
+
+class BestAndLast(ModelCheckpoint):
+    """Lightning's ModelCheckpoint (best.ckpt: the best validation by the monitored metric), with last.ckpt written
+    after every validation: Lightning 2.6 writes it only when it writes a new best, so a run whose last validation
+    was not its best kept an older last.ckpt, which is where it would resume and what `checkpoint=last` reads."""
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_missed(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_missed(trainer)
+
+    def _generate_state_key(self, **kwargs) -> str:
+        return f"ModelCheckpoint{kwargs!r}"  # Lightning's own key: runs written before this class resume with it
+
+    def _save_last_if_missed(self, trainer) -> None:
+        if (self.save_last and not self._should_skip_saving_checkpoint(trainer)
+                and self._last_global_step_saved != trainer.global_step):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class ResumePoint(L.Callback):

@@ -192,6 +192,15 @@ def test_rows_leave_the_batch_at_their_end_token(stories):
         decode(model, idx, 16, pad=None, use_cache=False, ends={end})
 
 
+def test_the_rollout_benchmark_checks_the_greedy_answers_and_times_both_ways():
+    """benchmarks/rollouts.py on the bundled stories260K: both ways timed, the greedy answers the same tokens."""
+    result = execute("benchmarks/rollouts.py", "--max-new-tokens", "24", "--rounds", "1", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"greedy, 32 requests: answers of \d+ tokens on average \(longest \d+\): [\d.]+ s every row to "
+                     r"the end, [\d.]+ s with rows leaving, [\d.]+x; the same tokens", result.stdout), result.stdout
+    assert re.search(r"T 0.7, 4 x 8: .* [\d.]+x\n", result.stdout), result.stdout
+
+
 def split_step(rank: int, world: int, port: int, path: str, answers, batch, loss_types) -> None:
     """One process of a DDP step: its half of the prompts' fixed answers, the gradient DDP averages, saved by rank 0."""
     import torch.distributed as dist

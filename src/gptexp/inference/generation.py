@@ -244,16 +244,16 @@ def _until_ends(steps: Generator[torch.Tensor, torch.Tensor | None, None], ends:
                 ) -> Iterator[torch.Tensor]:
     """decode's columns with `ends`: after each column, the rows that chose an end token leave `steps`' batch (sent
     to it as the mask of the rows that go on); the columns keep every row, a finished one repeating its end."""
-    ends = torch.tensor(sorted(ends), dtype=torch.long)
     try:
         new = next(steps)
         column, active = new, torch.arange(new.size(0), device=new.device)
+        ends = torch.tensor(sorted(ends), dtype=torch.long, device=new.device)
         while True:
             yield column
-            done = torch.isin(new[:, 0], ends.to(new.device))
+            done = torch.isin(new[:, 0], ends)
             if done.all():
                 return
-            keep = ~done if done.any() else None
+            keep = ~done if done.any() else None  # None: every row goes on, the batch as it was
             if keep is not None:
                 active = active[keep]
             new = steps.send(keep)
